@@ -1,0 +1,340 @@
+"""The one typed configuration schema.
+
+Layering: dataclass defaults -> YAML run file -> ``--set section.key=value`` overrides.
+Every section is a dataclass validated in ``__post_init__``; unknown keys and values of the
+wrong type raise ``ConfigError`` naming the key and the file they came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override does not validate."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards/synthetic-tiny"
+    """Folder holding the built WebDataset shards and their manifest.json."""
+    train_set: str = "pitts30k_train"
+    """Split (``<name>_<split>``) whose queries and database images are used for training."""
+    val_set: Optional[str] = "pitts30k_val"
+    """Split evaluated after every epoch (checkpoint selection); null to skip."""
+    test_sets: List[str] = field(default_factory=lambda: ["pitts30k_test", "tokyo247_test"])
+    """Splits evaluated at the end of every generation."""
+    image_size: List[int] = field(default_factory=lambda: [480, 640])
+    """Input height and width in pixels."""
+    aspect_preserving: List[str] = field(default_factory=lambda: ["tokyo247"])
+    """Datasets whose test images are resized keeping their aspect ratio."""
+    num_workers: int = 2
+    """DataLoader workers per rank."""
+    extract_batch_size: int = 16
+    """Images per forward pass during descriptor extraction."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.image_size) == 2 and all(v > 0 for v in self.image_size),
+               f"data.image_size must be [H, W] with positive values, got {self.image_size}")
+        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(self.extract_batch_size > 0, "data.extract_batch_size must be > 0")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "vgg16"
+    """Backbone: vgg16, resnet18, resnet50 or smallcnn."""
+    weights: Optional[str] = None
+    """Backbone weights: a local file, 'imagenet' (needs a download) or null (random init)."""
+    trainable: str = "conv5"
+    """Trainable backbone layers (vgg16: conv5; 'all'; 'none')."""
+    num_clusters: int = 64
+    """NetVLAD clusters K."""
+    init_descriptors: int = 50000
+    """Local descriptors sampled (over all ranks) for the NetVLAD k-means initialisation."""
+    init_images: int = 500
+    """Training images those descriptors are drawn from."""
+    grad_checkpointing: bool = False
+    """Recompute backbone activations in the backward pass to save memory."""
+
+    def __post_init__(self) -> None:
+        _check(self.backbone in ("vgg16", "resnet18", "resnet50", "smallcnn"),
+               f"model.backbone must be vgg16, resnet18, resnet50 or smallcnn, got {self.backbone!r}")
+        _check(self.num_clusters > 1, f"model.num_clusters must be > 1, got {self.num_clusters}")
+
+
+@dataclass
+class LossConfig:
+    kind: str = "sare_ind"
+    """Hard loss: sare_ind, sare_joint or triplet."""
+    margin: float = 0.1
+    """Triplet margin."""
+    temperatures: List[float] = field(default_factory=lambda: [0.07, 0.07, 0.06, 0.05])
+    """Temperature per generation (generation 0 first); tau_0 = temperatures[0]."""
+    soft_weight: float = 0.5
+    """Weight lambda of the soft (region) loss for generations >= 1."""
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("sare_ind", "sare_joint", "triplet"),
+               f"loss.kind must be sare_ind, sare_joint or triplet, got {self.kind!r}")
+        _check(len(self.temperatures) > 0 and all(t > 0 for t in self.temperatures),
+               f"loss.temperatures must be positive, got {self.temperatures}")
+        _check(self.soft_weight >= 0, "loss.soft_weight must be >= 0")
+
+
+@dataclass
+class MiningConfig:
+    cache_subset_size: int = 1000
+    """Training queries per cache subset; mining is refreshed before each subset."""
+    neg_pool: int = 1000
+    """Random true negatives drawn per query at each refresh."""
+    num_negatives: int = 10
+    """Hard negatives per tuple."""
+    num_difficult: int = 10
+    """Maximum difficult positives per tuple (generation >= 1)."""
+    difficult_candidates: int = 20
+    """Nearest training positives re-ranked to pick difficult positives."""
+    k1: int = 20
+    """k-reciprocal neighbourhood size."""
+    k2: int = 1
+    """Local query expansion size."""
+    lam: float = 0.1
+    """Weight of the original distance in the re-ranked distance."""
+    bf16_search: bool = False
+    """bf16 candidate search with exact fp32 re-scoring of the short list."""
+
+    def __post_init__(self) -> None:
+        for name in ("cache_subset_size", "neg_pool", "num_negatives", "difficult_candidates", "k1", "k2"):
+            _check(getattr(self, name) > 0, f"mining.{name} must be > 0, got {getattr(self, name)}")
+        _check(0 <= self.num_difficult <= self.difficult_candidates,
+               "mining.num_difficult must lie in [0, mining.difficult_candidates]")
+        _check(0.0 <= self.lam <= 1.0, f"mining.lam must lie in [0, 1], got {self.lam}")
+
+
+@dataclass
+class TrainConfig:
+    generations: int = 4
+    """Number of generations (generation 0 is the SARE baseline)."""
+    epochs: int = 5
+    """Epochs per generation >= 1."""
+    gen0_epochs: int = 1
+    """Epochs of generation 0."""
+    batch_size: int = 1
+    """Tuples per rank per optimiser step."""
+    lr: float = 0.001
+    """SGD learning rate."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 0.001
+    """SGD weight decay."""
+    lr_step: int = 5
+    """Epochs between learning-rate decays."""
+    lr_gamma: float = 0.5
+    """Learning-rate decay factor."""
+    engine: str = "ddp"
+    """Training engine: ddp or deepspeed."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (engine: deepspeed)."""
+    precision: str = "fp32"
+    """fp32, bf16 or fp16 (fp16 needs CUDA)."""
+    seed: int = 42
+    """Seed of everything random."""
+    log_every: int = 10
+    """Optimiser steps between metric logs."""
+    max_steps_per_epoch: int = 0
+    """Cap on optimiser steps per epoch (0: no cap; for smoke runs)."""
+
+    def __post_init__(self) -> None:
+        _check(self.generations >= 1, "train.generations must be >= 1")
+        _check(self.epochs >= 1 and self.gen0_epochs >= 1, "train.epochs and train.gen0_epochs must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size must be >= 1")
+        _check(self.engine in ("ddp", "deepspeed"), f"train.engine must be ddp or deepspeed, got {self.engine!r}")
+        _check(self.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0-3, got {self.zero_stage}")
+        _check(self.precision in ("fp32", "bf16", "fp16"),
+               f"train.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        _check(self.lr > 0, "train.lr must be > 0")
+
+
+@dataclass
+class EvalConfig:
+    recall_ns: List[int] = field(default_factory=lambda: [1, 5, 10, 20])
+    """Recall@N values reported."""
+    pca_dim: int = 4096
+    """PCA-whitening output dimension (0: no PCA)."""
+    pca_samples: int = 10000
+    """Training descriptors the PCA is fitted on."""
+    bf16: bool = False
+    """bf16 autocast for extraction and candidate search (fp32 path stays exact)."""
+
+    def __post_init__(self) -> None:
+        _check(all(n > 0 for n in self.recall_ns), "eval.recall_ns must be positive")
+        _check(self.pca_dim >= 0, "eval.pca_dim must be >= 0")
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None
+    """MLflow tracking URI (default: sqlite:///<run_dir>/mlflow.db)."""
+    experiment: str = "sfrs"
+    """MLflow experiment name."""
+    run_name: Optional[str] = None
+    """Name of the parent run (default: the run directory name)."""
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+    """Run directory: checkpoints, caches, resolved config, local MLflow store."""
+    resume: str = "auto"
+    """auto (latest checkpoint in out_dir if any), none, or a checkpoint path."""
+    dist_timeout_s: float = 900.0
+    """Timeout of every collective: a failed rank stops the job instead of hanging."""
+
+    def __post_init__(self) -> None:
+        _check(self.dist_timeout_s > 0, "run.dist_timeout_s must be > 0")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> Dict[str, Any]:
+        """``section.key -> value`` pairs (for MLflow params)."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+    def temperature(self, generation: int) -> float:
+        t = self.loss.temperatures
+        return t[min(generation, len(t) - 1)]
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin in (list, List, Sequence, tuple, Tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _build_section(cls: type, values: Dict[str, Any], source: str, section: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in values:
+        if k not in names:
+            raise ConfigError(f"{source}: unknown key '{section}.{k}' (valid: {sorted(names)})")
+    kwargs = {k: _coerce(v, hints[k], f"{source}: {section}.{k}") for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _parse_override(item: str) -> Tuple[str, str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    path, raw = item.split("=", 1)
+    parts = path.strip().split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"--set {item!r}: key must be section.key")
+    return parts[0], parts[1], yaml.safe_load(raw)
+
+
+def config_from_dict(raw: Dict[str, Any], source: str = "<dict>") -> Config:
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
+    out = {}
+    for name, values in (raw or {}).items():
+        if name not in sections:
+            raise ConfigError(f"{source}: unknown section '{name}' (valid: {sorted(sections)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{name}' must be a mapping")
+        out[name] = _build_section(hints[name], values, source, name)
+    return Config(**out)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``section.key=value`` overrides."""
+    raw: Dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    cfg = config_from_dict(raw, source)
+    merged = cfg.to_dict()
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        if section not in merged:
+            raise ConfigError(f"--set {item!r}: unknown section '{section}'")
+        if key not in merged[section]:
+            raise ConfigError(f"--set {item!r}: unknown key '{section}.{key}'")
+        merged[section][key] = value
+    if overrides:
+        cfg = config_from_dict(merged, f"{source} + --set")
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+    os.replace(tmp, path)

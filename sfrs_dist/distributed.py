@@ -1,0 +1,128 @@
+"""The one distributed module: process-group set-up, rank helpers and small collectives.
+
+Every helper works before ``init_distributed`` (or without torchrun at all): a single
+process behaves as rank 0 of a world of size 1, and collectives become identities.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """What ``init_distributed`` set up."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    node_rank: int
+    backend: Optional[str]
+    device: torch.device
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def get_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def get_local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def default_backend() -> str:
+    """NCCL where CUDA is present, gloo otherwise."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", get_local_rank() % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) -> DistInfo:
+    """Initialise the default process group from torchrun's environment variables.
+
+    Without ``WORLD_SIZE`` in the environment (plain ``python``), nothing is initialised and
+    a single-process ``DistInfo`` is returned. ``timeout_s`` bounds every collective so a
+    failed rank makes the job fail instead of hanging.
+    """
+    device = default_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not is_distributed():
+        backend = backend or default_backend()
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        log.info("process group up: rank %d/%d backend %s", get_rank(), get_world_size(), backend)
+    local_ws = get_local_world_size()
+    return DistInfo(
+        rank=get_rank(),
+        world_size=get_world_size(),
+        local_rank=get_local_rank(),
+        local_world_size=local_ws,
+        node_rank=int(os.environ.get("GROUP_RANK", get_rank() // max(local_ws, 1))),
+        backend=dist.get_backend() if is_distributed() else None,
+        device=device,
+    )
+
+
+def destroy_distributed() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_gather_object(obj: Any) -> List[Any]:
+    """Gather one picklable object from every rank (list indexed by rank)."""
+    if not is_distributed():
+        return [obj]
+    out: List[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Send ``obj`` from ``src`` to every rank and return it everywhere."""
+    if not is_distributed():
+        return obj
+    box = [obj if get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum across ranks (identity when not distributed)."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
