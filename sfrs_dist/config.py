@@ -58,8 +58,10 @@ class ModelConfig:
     """Backbone: vgg16, resnet18, resnet50 or smallcnn."""
     weights: Optional[str] = None
     """Backbone weights: a local file, 'imagenet' (needs a download) or null (random init)."""
-    trainable: str = "conv5"
-    """Trainable backbone layers (vgg16: conv5; 'all'; 'none')."""
+    trainable: Optional[str] = None
+    """Trainable backbone layers (null: the backbone's default, conv5 for vgg16; 'full'; 'none')."""
+    layer: Optional[str] = None
+    """Cut point (resnet: layer3/layer4; smallcnn: stride8/stride16; null: default)."""
     num_clusters: int = 64
     """NetVLAD clusters K."""
     init_descriptors: int = 50000

@@ -1,0 +1,87 @@
+"""Evaluate checkpoints on the test sets of a config: Recall@N per dataset, split and condition.
+
+    torchrun --nproc_per_node 2 launch/evaluate.py --config configs/demo.yaml \
+        --checkpoint runs/demo/checkpoints/generation02_final.pt [--pca FILE] [--out results.json]
+
+``--checkpoint`` takes several files or globs (e.g. every checkpoint of the last generation);
+each gets its own table. OpenIBL checkpoints (VGG16 + NetVLAD) are accepted too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from sfrs_dist import distributed as du
+from sfrs_dist.config import ConfigError, load_config
+from sfrs_dist.data.manifest import Manifest
+from sfrs_dist.evaluation.checkpoints import load_for_eval
+from sfrs_dist.evaluation.pca import PCAWhitening
+from sfrs_dist.evaluation.recall import format_recall_table
+from sfrs_dist.evaluation.runner import evaluate_splits
+from sfrs_dist.logging_utils import setup_logging
+
+log = logging.getLogger("evaluate")
+
+
+def expand(patterns: List[str]) -> List[str]:
+    out: List[str] = []
+    for p in patterns:
+        hits = sorted(glob.glob(p))
+        if not hits:
+            raise FileNotFoundError(f"no checkpoint matches {p}")
+        out += hits
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--checkpoint", nargs="+", required=True, help="checkpoint file(s) or glob(s)")
+    p.add_argument("--pca", default=None, help="PCA-whitening HDF5 (U, lams, mu, Utmu) applied before search")
+    p.add_argument("--sets", nargs="*", default=None, help="splits to evaluate (default: data.test_sets)")
+    p.add_argument("--out", default=None, help="JSON file for the results (default: <run.out_dir>/eval.json)")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        ckpts = expand(args.checkpoint)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    info = du.init_distributed(timeout_s=cfg.run.dist_timeout_s)
+    setup_logging()
+    try:
+        manifest = Manifest.load(Path(cfg.data.shards))
+        sids = args.sets or [s for s in cfg.data.test_sets if s in manifest.splits]
+        pca = PCAWhitening.load(args.pca) if args.pca else None
+        results = {}
+        for ck in ckpts:
+            net = load_for_eval(cfg, Path(ck), info.device)
+            tables = evaluate_splits(net, net.output_dim, manifest, sids, cfg.data, info.device,
+                                     cfg.eval.recall_ns, pca=pca, bf16=cfg.eval.bf16)
+            results[ck] = {sid: {"recall": {c: {str(n): v for n, v in row.items()} for c, row in t.items()},
+                                 "queries": counts} for sid, (t, counts) in tables.items()}
+            if du.is_main_process():
+                for sid, (t, counts) in tables.items():
+                    print(f"\n{ck} :: {sid}\n{format_recall_table(t, counts)}")
+        if du.is_main_process():
+            out = Path(args.out or Path(cfg.run.out_dir) / "eval.json")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(json.dumps(results, indent=2))
+            os.replace(tmp, out)
+            print(f"\nresults written to {out}")
+    finally:
+        du.destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

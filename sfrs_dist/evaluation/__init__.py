@@ -1,0 +1,30 @@
+"""Evaluation: top-k search, Recall@N, spatial NMS, PCA whitening, extraction and pictures."""
+
+from sfrs_dist.evaluation.extract import extract_descriptors, gather_descriptors, order_descriptors
+from sfrs_dist.evaluation.pca import PCAWhitening
+from sfrs_dist.evaluation.recall import (
+    DEFAULT_NS,
+    evaluate_retrieval,
+    format_recall_table,
+    recall_at_n,
+    recall_table,
+    spatial_nms,
+)
+from sfrs_dist.evaluation.search import search_topk
+from sfrs_dist.evaluation.visualize import render_region_similarity, render_retrievals
+
+__all__ = [
+    "DEFAULT_NS",
+    "PCAWhitening",
+    "evaluate_retrieval",
+    "extract_descriptors",
+    "format_recall_table",
+    "gather_descriptors",
+    "order_descriptors",
+    "recall_at_n",
+    "recall_table",
+    "render_region_similarity",
+    "render_retrievals",
+    "search_topk",
+    "spatial_nms",
+]

@@ -1,0 +1,30 @@
+"""Loading a network to evaluate: our checkpoints (final or per-subset) or an OpenIBL one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..models import SFRSNet, build_model
+from ..models.openibl import build_model_from_openibl
+from ..training.checkpoint import load_checkpoint
+
+
+def load_for_eval(cfg: Config, path: Path, device: torch.device) -> SFRSNet:
+    """Our checkpoint (a dict with ``model``) with ``cfg.model``'s architecture, else OpenIBL."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    raw = load_checkpoint(path)
+    if isinstance(raw, dict) and "model" in raw and isinstance(raw["model"], dict):
+        m = cfg.model
+        net = build_model(m.backbone, weights=None, num_clusters=m.num_clusters, trainable="none", layer=m.layer)
+        try:
+            net.load_state_dict(raw["model"])
+        except RuntimeError as exc:
+            raise ValueError(f"checkpoint {path} does not match model config {m}: {exc}") from None
+    else:
+        net = build_model_from_openibl(str(path), trainable="none")
+    return net.to(device).eval()

@@ -1,0 +1,179 @@
+"""Top-k nearest-neighbour search for evaluation (inner product on L2-normalised descriptors).
+
+Two paths, both without a dense query x database matrix:
+
+* exact: a faiss ``IndexFlatIP`` (GPU faiss when ``faiss.get_num_gpus() > 0``, CPU faiss
+  otherwise). faiss computes the inner products block by block and keeps a per-query heap,
+  so memory stays at the database plus one block of scores.
+* bf16 candidates + exact re-score: chunks of queries are scored against blocks of the
+  database with torch matmuls on bfloat16 inputs (fp32 accumulation, bf16 output, as CPU
+  autocast does for a matmul); the top ``k + margin`` candidates per query are kept across
+  blocks, re-scored exactly in fp32 and re-sorted. The database is converted to bf16 one
+  block at a time, so no full bf16 copy is held. The result equals the exact search except
+  at near-ties: a database image whose exact score lies within the bf16 rounding error
+  (about 2**-8 relative) of the k-th best score may be missed if more than ``margin`` other
+  candidates crowd it out. The speed-up depends on the CPU's bf16 support (AVX512-BF16,
+  AMX); without it the matmul can be slower than faiss in fp32.
+
+Scores are inner products (cosine similarities for unit vectors), sorted best-first.
+Missing results (``k`` larger than the database) get index -1 and score -inf.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Tuple, Union
+
+import faiss
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+#: faiss GPU flat search supports at most this many neighbours per query.
+GPU_MAX_K = 2048
+
+
+def num_faiss_gpus() -> int:
+    """Number of GPUs faiss can use (0 for the CPU-only build)."""
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
+def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (n, dim) array, got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{name} must hold floats, got dtype {x.dtype}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _resolve_gpu(use_gpu: Union[str, bool], k: int) -> bool:
+    if use_gpu not in ("auto", True, False):
+        raise ValueError(f"use_gpu must be 'auto', True or False, got {use_gpu!r}")
+    n_gpu = num_faiss_gpus()
+    if use_gpu is True and n_gpu == 0:
+        raise RuntimeError("use_gpu=True but faiss sees no GPU (faiss-cpu build or no device)")
+    want = n_gpu > 0 if use_gpu == "auto" else bool(use_gpu)
+    if want and k > GPU_MAX_K:
+        if use_gpu is True:
+            raise ValueError(f"k={k} exceeds the faiss GPU limit of {GPU_MAX_K}")
+        log.info("k=%d exceeds the faiss GPU limit %d: searching on CPU", k, GPU_MAX_K)
+        return False
+    return want
+
+
+def build_flat_index(db: np.ndarray, use_gpu: bool) -> "faiss.Index":
+    """An exact inner-product index over ``db`` (G, D) float32, on all GPUs or on CPU."""
+    index = faiss.IndexFlatIP(db.shape[1])
+    if use_gpu:
+        co = faiss.GpuMultipleClonerOptions()
+        co.shard = True
+        index = faiss.index_cpu_to_all_gpus(index, co=co)
+    index.add(db)
+    return index
+
+
+def _pad(scores: np.ndarray, indices: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Mark faiss' missing results (-1) with score -inf and pad to k columns."""
+    scores = scores.astype(np.float32, copy=False)
+    indices = indices.astype(np.int64, copy=False)
+    scores[indices < 0] = -np.inf
+    if indices.shape[1] < k:
+        extra = k - indices.shape[1]
+        indices = np.pad(indices, ((0, 0), (0, extra)), constant_values=-1)
+        scores = np.pad(scores, ((0, 0), (0, extra)), constant_values=-np.inf)
+    return scores, indices
+
+
+def _search_faiss(db: np.ndarray, queries: np.ndarray, k: int, use_gpu: bool,
+                  chunk: int) -> Tuple[np.ndarray, np.ndarray]:
+    index = build_flat_index(db, use_gpu)
+    scores = np.empty((queries.shape[0], k), dtype=np.float32)
+    indices = np.empty((queries.shape[0], k), dtype=np.int64)
+    for q0 in range(0, queries.shape[0], chunk):
+        q1 = min(q0 + chunk, queries.shape[0])
+        scores[q0:q1], indices[q0:q1] = index.search(queries[q0:q1], k)
+    return scores, indices
+
+
+def _bf16_candidates(db: np.ndarray, queries: np.ndarray, kc: int, chunk: int,
+                     db_block: int) -> torch.Tensor:
+    """(Q, kc) database indices with the best bf16 scores, database converted block by block."""
+    n_q = queries.shape[0]
+    best_val = torch.full((n_q, kc), -float("inf"), dtype=torch.bfloat16)
+    best_idx = torch.zeros((n_q, kc), dtype=torch.int64)
+    q16 = torch.from_numpy(queries).to(torch.bfloat16)
+    for g0 in range(0, db.shape[0], db_block):
+        block_t = torch.from_numpy(db[g0:g0 + db_block]).to(torch.bfloat16).t()
+        for q0 in range(0, n_q, chunk):
+            q1 = min(q0 + chunk, n_q)
+            approx = q16[q0:q1] @ block_t
+            val, idx = approx.topk(min(kc, approx.shape[1]), dim=1, sorted=False)
+            val = torch.cat([best_val[q0:q1], val], dim=1)
+            idx = torch.cat([best_idx[q0:q1], idx + g0], dim=1)
+            top = val.topk(kc, dim=1, sorted=False).indices
+            best_val[q0:q1] = val.gather(1, top)
+            best_idx[q0:q1] = idx.gather(1, top)
+    return best_idx
+
+
+def _search_bf16(db: np.ndarray, queries: np.ndarray, k: int, margin: int, chunk: int,
+                 db_block: int = 16384, rescore_chunk: int = 256) -> Tuple[np.ndarray, np.ndarray]:
+    k_eff = min(k, db.shape[0])
+    kc = min(k + margin, db.shape[0])
+    with torch.no_grad():
+        cand = _bf16_candidates(db, queries, kc, chunk, db_block).numpy()
+    scores = np.empty((queries.shape[0], k_eff), dtype=np.float32)
+    indices = np.empty((queries.shape[0], k_eff), dtype=np.int64)
+    for r0 in range(0, queries.shape[0], rescore_chunk):
+        r1 = min(r0 + rescore_chunk, queries.shape[0])
+        c = cand[r0:r1]
+        exact = np.matmul(db[c], queries[r0:r1, :, None])[:, :, 0]
+        # Best score first; ties broken by the smaller database index.
+        order = np.lexsort((c, -exact), axis=-1)[:, :k_eff]
+        scores[r0:r1] = np.take_along_axis(exact, order, axis=1)
+        indices[r0:r1] = np.take_along_axis(c, order, axis=1)
+    return scores, indices
+
+
+def search_topk(db: np.ndarray, queries: np.ndarray, k: int, use_gpu: Union[str, bool] = "auto",
+                bf16: bool = False, chunk: int = 1024, margin: int | None = None,
+                ) -> Tuple[np.ndarray, np.ndarray]:
+    """Best-first top-``k`` database images for every query by inner product.
+
+    Args:
+        db: (G, D) database descriptors, float32, expected L2-normalised.
+        queries: (Q, D) query descriptors, same dimension.
+        k: neighbours per query; columns beyond the database size hold index -1, score -inf.
+        use_gpu: ``"auto"`` (GPU faiss when ``faiss.get_num_gpus() > 0``), True or False.
+            Only used by the exact path.
+        bf16: bf16 candidate search with exact fp32 re-scoring (see the module docstring:
+            identical to exact search except at near-ties) instead of faiss.
+        chunk: queries per search call (exact path) or per bf16 matmul (bf16 path, which also
+            converts the database to bf16 in blocks of 16384 rows, so its extra memory is
+            about ``16384 * (D + chunk) * 2`` bytes).
+        margin: extra candidates kept by the bf16 path (default ``max(k, 32)``).
+
+    Returns:
+        (scores, indices): (Q, k) float32 and (Q, k) int64, best first.
+    """
+    db = _as_matrix(db, "db")
+    queries = _as_matrix(queries, "queries")
+    if db.shape[1] != queries.shape[1]:
+        raise ValueError(f"dimension mismatch: db has {db.shape[1]}, queries have {queries.shape[1]}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if db.shape[0] == 0:
+        raise ValueError("db is empty")
+    if bf16:
+        margin = max(k, 32) if margin is None else margin
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        scores, indices = _search_bf16(db, queries, k, margin, chunk)
+    else:
+        scores, indices = _search_faiss(db, queries, min(k, db.shape[0]), _resolve_gpu(use_gpu, k), chunk)
+    return _pad(scores, indices, k)

@@ -1,0 +1,290 @@
+"""Training-tuple selection for one cache subset (DESIGN.md section 2).
+
+Indexing: descriptors of all items live in one ``(N, d)`` matrix ordered
+``[training queries (num_queries); database images (G)]``; database image ``j`` is item
+``num_queries + j``. Tuples name queries by training-query index and everything else by
+database index. Ground truth comes from the caller: ``train_pos[q]`` the database ids within
+10 m of query ``q``, and a sampler of true negatives (beyond 25 m).
+
+Every score is an exact float32 inner product of L2-normalised descriptors (larger = nearer)
+computed only for the pairs needed (a query against its training positives and its ~1010
+negative candidates), never a query x database matrix. Orders break ties by smaller id.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from sfrs_dist.config import MiningConfig
+from sfrs_dist.distributed import all_gather_object, get_rank, get_world_size
+from sfrs_dist.mining.knn import pair_inner_products, self_topk, shard_range
+from sfrs_dist.mining.rerank import rerank_pair_distances
+
+log = logging.getLogger(__name__)
+
+NegPoolFn = Callable[[int, np.random.Generator, int], np.ndarray]
+"""``fn(query, rng, size)`` -> up to ``size`` distinct true-negative database ids of ``query``."""
+
+_DENSE_BLOCK_FACTOR = 30
+_COLUMN_CHUNK = 2048
+
+
+@dataclass(frozen=True)
+class TrainingTuple:
+    """One mined tuple: ids are a training-query index and database indices."""
+
+    query: int
+    positive: int
+    negatives: np.ndarray
+    difficult_positives: np.ndarray
+
+
+@dataclass
+class MiningTimings:
+    """Seconds spent in one refresh."""
+
+    search_s: float = 0.0
+    rerank_s: float = 0.0
+    select_s: float = 0.0
+
+
+@dataclass
+class MiningResult:
+    tuples: List[TrainingTuple]
+    timings: MiningTimings = field(default_factory=MiningTimings)
+
+
+class NegativeCache:
+    """The hard negatives each training query got at its previous refresh (``-1`` = none)."""
+
+    def __init__(self, num_queries: int, num_negatives: int) -> None:
+        if num_queries < 0 or num_negatives <= 0:
+            raise ValueError(f"bad NegativeCache shape ({num_queries}, {num_negatives})")
+        self.ids = np.full((num_queries, num_negatives), -1, dtype=np.int64)
+
+    def get(self, query: int) -> np.ndarray:
+        row = self.ids[query]
+        return row[row >= 0]
+
+    def update(self, query: int, negatives: np.ndarray) -> None:
+        negatives = np.asarray(negatives, dtype=np.int64)[: self.ids.shape[1]]
+        self.ids[query] = -1
+        self.ids[query, : len(negatives)] = negatives
+
+    def state_dict(self) -> Dict[str, np.ndarray]:
+        return {"ids": self.ids.copy()}
+
+    @classmethod
+    def from_state_dict(cls, state: Dict[str, np.ndarray]) -> "NegativeCache":
+        if "ids" not in state:
+            raise KeyError("NegativeCache state has no key 'ids'")
+        ids = np.asarray(state["ids"])
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"NegativeCache state 'ids' must be a 2-d integer array, got {ids.dtype} {ids.shape}")
+        cache = cls(ids.shape[0], ids.shape[1])
+        cache.ids[:] = ids
+        return cache
+
+
+def make_negative_sampler(num_db: int, non_negatives: Sequence[np.ndarray]) -> NegPoolFn:
+    """Sampler of true negatives: database ids not in ``non_negatives[q]`` (those within 25 m).
+
+    Draws uniformly without replacement from the complement by rejection, so no per-query
+    list of ~G negatives is stored.
+    """
+    sets = [np.unique(np.asarray(s, dtype=np.int64)) for s in non_negatives]
+
+    def sample(query: int, rng: np.random.Generator, size: int) -> np.ndarray:
+        excluded = sets[query]
+        available = num_db - len(excluded)
+        size = min(size, available)
+        if size <= 0:
+            return np.zeros(0, dtype=np.int64)
+        if 4 * size > available:
+            mask = np.ones(num_db, dtype=bool)
+            mask[excluded] = False
+            return rng.choice(np.flatnonzero(mask), size, replace=False)
+        out = np.zeros(0, dtype=np.int64)
+        while len(out) < size:
+            draw = rng.integers(0, num_db, 2 * (size - len(out)) + 16)
+            draw = draw[~np.isin(draw, excluded)]
+            out = np.concatenate([out, draw[~np.isin(draw, out)]])
+            _, first = np.unique(out, return_index=True)
+            out = out[np.sort(first)]
+        return out[:size]
+
+    return sample
+
+
+def _order(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Positions sorting by descending score, ties by smaller id."""
+    return np.lexsort((ids, -scores))
+
+
+def select_easiest_positive(pos_ids: np.ndarray, pos_scores: np.ndarray) -> int:
+    """p1: the training positive with the highest inner product to the query."""
+    if len(pos_ids) == 0:
+        raise ValueError("select_easiest_positive: the query has no training positive")
+    return int(pos_ids[_order(pos_ids, pos_scores)[0]])
+
+
+def nearest_ids(ids: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` ids of highest score (nearest first)."""
+    return np.asarray(ids, dtype=np.int64)[_order(ids, scores)[:n]]
+
+
+def negative_candidates(pool: np.ndarray, cached: np.ndarray) -> np.ndarray:
+    """Random pool united with the previous hard negatives (distinct ids)."""
+    return np.unique(np.concatenate([np.asarray(pool, np.int64), np.asarray(cached, np.int64)]))
+
+
+def select_hard_negatives(cand_ids: np.ndarray, cand_scores: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` candidates nearest to the query (highest inner product first)."""
+    if len(cand_ids) < n:
+        raise ValueError(f"select_hard_negatives: {len(cand_ids)} candidates for {n} negatives")
+    return nearest_ids(cand_ids, cand_scores, n)
+
+
+def select_difficult_positives(cand_ids: np.ndarray, reranked: np.ndarray, max_keep: int) -> np.ndarray:
+    """Difficult positives from the nearest training positives and their re-ranked distances.
+
+    ``cand_ids`` are ordered nearest first in descriptor space (old rank = position).
+    New ranks sort by ascending re-ranked distance (ties: old rank). Kept first: those
+    whose rank rose, by largest rise (ties: new rank); then those whose rank did not
+    change, by rank; at most ``max_keep``. Those whose rank fell are left out.
+    """
+    cand_ids = np.asarray(cand_ids, dtype=np.int64)
+    m = len(cand_ids)
+    old = np.arange(m)
+    new = np.empty(m, dtype=np.int64)
+    new[np.lexsort((old, np.asarray(reranked, dtype=np.float64)))] = old
+    rise = old - new
+    up = np.flatnonzero(rise > 0)
+    up = up[np.lexsort((new[up], -rise[up]))]
+    same = np.flatnonzero(rise == 0)
+    return cand_ids[np.concatenate([up, same])[:max_keep]]
+
+
+def candidate_scores(feats: np.ndarray, q_rows: np.ndarray, cand_rows: List[np.ndarray]) -> List[np.ndarray]:
+    """Exact inner products of item ``q_rows[i]`` with each item of ``cand_rows[i]``.
+
+    When the candidate lists overlap heavily (random negative pools of 1000 queries all
+    drawn from one database), the needed entries are read from query-block x
+    candidate-column products (float32 BLAS, columns in chunks, only the needed entries
+    kept); otherwise each pair is a gathered dot product.
+    """
+    q_rows = np.asarray(q_rows, dtype=np.int64)
+    lens = np.array([len(c) for c in cand_rows], dtype=np.int64)
+    flat = np.concatenate(cand_rows).astype(np.int64) if len(cand_rows) else np.zeros(0, np.int64)
+    owner = np.repeat(np.arange(len(q_rows)), lens)
+    if len(flat) == 0:
+        return [np.zeros(0, dtype=np.float32) for _ in cand_rows]
+    uniq = np.unique(flat)
+    out = np.empty(len(flat), dtype=np.float32)
+    if len(q_rows) * len(uniq) <= _DENSE_BLOCK_FACTOR * len(flat):
+        xq = np.ascontiguousarray(feats[q_rows], dtype=np.float32)
+        col = np.searchsorted(uniq, flat)
+        by_col = np.argsort(col, kind="stable")
+        bounds = np.searchsorted(col[by_col], np.arange(0, len(uniq) + _COLUMN_CHUNK, _COLUMN_CHUNK))
+        for ci, c0 in enumerate(range(0, len(uniq), _COLUMN_CHUNK)):
+            block = xq @ np.ascontiguousarray(feats[uniq[c0:c0 + _COLUMN_CHUNK]], dtype=np.float32).T
+            sel = by_col[bounds[ci]:bounds[ci + 1]]
+            out[sel] = block[owner[sel], col[sel] - c0]
+    else:
+        out[:] = pair_inner_products(feats, q_rows[owner], flat)
+    return np.split(out, np.cumsum(lens)[:-1])
+
+
+def _select_share(query_ids: np.ndarray, feats: np.ndarray, num_queries: int, train_pos: Sequence[np.ndarray],
+                  neg_cands: List[np.ndarray], knn: Optional[Tuple[np.ndarray, np.ndarray]],
+                  generation: int, cfg: MiningConfig, timings: MiningTimings) -> List[TrainingTuple]:
+    t0 = time.perf_counter()
+    q_rows = np.asarray(query_ids, dtype=np.int64)
+    pos = [np.asarray(train_pos[q], dtype=np.int64) for q in query_ids]
+    pos_scores = candidate_scores(feats, q_rows, [p + num_queries for p in pos])
+    neg_scores = candidate_scores(feats, q_rows, [c + num_queries for c in neg_cands])
+    timings.search_s += time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    near = [nearest_ids(p, s, cfg.difficult_candidates) for p, s in zip(pos, pos_scores)]
+    reranked: List[np.ndarray] = [np.zeros(0)] * len(query_ids)
+    if generation >= 1 and len(query_ids):
+        assert knn is not None
+        a = np.repeat(q_rows, [len(n) for n in near])
+        b = np.concatenate(near) + num_queries
+        final, _ = rerank_pair_distances(feats, knn[1], knn[0], a, b, cfg.k1, cfg.k2, cfg.lam)
+        reranked = np.split(final, np.cumsum([len(n) for n in near])[:-1])
+    timings.rerank_s += time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    out = []
+    for i, q in enumerate(query_ids):
+        difficult = (select_difficult_positives(near[i], reranked[i], cfg.num_difficult)
+                     if generation >= 1 else np.zeros(0, dtype=np.int64))
+        out.append(TrainingTuple(
+            query=int(q),
+            positive=select_easiest_positive(pos[i], pos_scores[i]),
+            negatives=select_hard_negatives(neg_cands[i], neg_scores[i], cfg.num_negatives),
+            difficult_positives=difficult,
+        ))
+    timings.select_s += time.perf_counter() - t0
+    return out
+
+
+def mine_subset(query_ids: Sequence[int], feats: np.ndarray, num_queries: int,
+                train_pos: Sequence[np.ndarray], neg_pool_fn: NegPoolFn, neg_cache: NegativeCache,
+                generation: int, rng: np.random.Generator, cfg: MiningConfig,
+                knn: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> MiningResult:
+    """Mine the tuples of one cache subset; called once before training on that subset.
+
+    Args:
+        query_ids: training-query indices of the subset; queries without a training
+            positive are skipped.
+        feats: ``(num_queries + G, d)`` L2-normalised descriptors ``[queries; database]``,
+            the full matrix on every rank.
+        train_pos: per training query, database ids within 10 m.
+        neg_pool_fn: true-negative sampler (``make_negative_sampler``).
+        neg_cache: previous hard negatives per query; updated in place with the new ones.
+        generation: re-ranked difficult positives are mined from generation 1 on.
+        rng: draws the random negative pools; must be in the same state on every rank.
+        cfg: sizes (pool, negatives, difficult candidates/kept, k1, k2, lambda, bf16 search).
+        knn: optional precomputed ``(scores, ids)`` kNN graph of ``feats``
+            (``k1 + 1`` columns or more); computed with ``self_topk`` when needed.
+
+    Returns:
+        The tuples (same list on every rank, in ``query_ids`` order) and timings.
+        Distributed: the kNN graph is built across ranks; each rank then scores and
+        selects its contiguous share of the subset and the tuples are all-gathered.
+    """
+    if feats.ndim != 2 or not 0 < num_queries <= feats.shape[0]:
+        raise ValueError(f"feats {feats.shape} cannot hold {num_queries} queries followed by a database")
+    timings = MiningTimings()
+    ids = np.asarray(query_ids, dtype=np.int64)
+    keep = np.array([len(train_pos[q]) > 0 for q in ids], dtype=bool)
+    if not keep.all():
+        log.info("mining: %d queries of the subset have no training positive and are skipped", (~keep).sum())
+    ids = ids[keep]
+    num_db = feats.shape[0] - num_queries
+    neg_cands = [negative_candidates(neg_pool_fn(int(q), rng, cfg.neg_pool), neg_cache.get(int(q))) for q in ids]
+    for q, c in zip(ids, neg_cands):
+        if len(c) and (c.min() < 0 or c.max() >= num_db):
+            raise ValueError(f"negative candidates of query {q} fall outside the database [0, {num_db})")
+
+    if generation >= 1 and knn is None:
+        t0 = time.perf_counter()
+        k = max(cfg.k1 + 1, cfg.k2)
+        knn = self_topk(feats, k, bf16=cfg.bf16_search)
+        timings.search_s += time.perf_counter() - t0
+
+    start, end = shard_range(len(ids), get_rank(), get_world_size())
+    mine = _select_share(ids[start:end], feats, num_queries, train_pos, neg_cands[start:end], knn,
+                         generation, cfg, timings)
+    tuples = [t for part in all_gather_object(mine) for t in part]
+    for t in tuples:
+        neg_cache.update(t.query, t.negatives)
+    return MiningResult(tuples=tuples, timings=timings)

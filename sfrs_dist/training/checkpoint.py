@@ -1,0 +1,108 @@
+"""Training state and atomic checkpoints.
+
+A checkpoint holds the model, optimiser and scheduler state, the ``TrainState`` position
+(generation, epoch, cache subset, optimiser steps), the mining state of the generation and
+the tracker's run ids. Randomness is derived from (seed, generation, epoch, subset, rank),
+so resuming at a subset boundary replays exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from .. import distributed as du
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^ckpt_g(\d+)_e(\d+)_s(\d+)\.pt$")
+
+
+@dataclass
+class TrainState:
+    """Where training stands: the next unit of work to do."""
+
+    generation: int = 0
+    """Current generation."""
+    epoch: int = 0
+    """Epoch within the generation."""
+    subset: int = 0
+    """Next cache subset to train within the epoch."""
+    step: int = 0
+    """Optimiser steps taken in this generation."""
+    epoch_step: int = 0
+    """Optimiser steps taken in this epoch."""
+    total_steps: int = 0
+    """Optimiser steps taken in the whole job."""
+
+    def state_dict(self) -> Dict[str, int]:
+        return asdict(self)
+
+    def load_state_dict(self, d: Dict[str, int]) -> None:
+        for k, v in d.items():
+            setattr(self, k, int(v))
+
+
+def checkpoint_name(generation: int, epoch: int, subset: int) -> str:
+    return f"ckpt_g{generation:02d}_e{epoch:03d}_s{subset:04d}.pt"
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary name in the same folder, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
+    """The newest ``ckpt_g*_e*_s*.pt`` by (generation, epoch, subset), or None."""
+    ckpt_dir = Path(ckpt_dir)
+    best = None
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.iterdir():
+            m = _NAME.match(p.name)
+            if m:
+                pos = tuple(int(g) for g in m.groups())
+                if best is None or pos > best[0]:
+                    best = (pos, p)
+    return best[1] if best else None
+
+
+def resolve_resume(resume: str, ckpt_dir: Path) -> Optional[Path]:
+    """Decide on rank 0 which checkpoint to resume from and broadcast it to every rank."""
+    path: Optional[str] = None
+    if du.is_main_process():
+        if resume == "auto":
+            found = latest_checkpoint(ckpt_dir)
+            path = str(found) if found else None
+        elif resume not in ("none", ""):
+            if not Path(resume).is_file():
+                raise FileNotFoundError(f"run.resume: checkpoint not found: {resume}")
+            path = resume
+    path = du.broadcast_object(path)
+    return Path(path) if path else None
+
+
+def file_hash(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file (short hex), used to key caches by the checkpoint they came from."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def load_checkpoint(path: Path) -> Dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise RuntimeError(f"checkpoint {path} cannot be read ({exc})") from exc

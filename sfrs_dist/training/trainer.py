@@ -1,0 +1,312 @@
+"""The SFRS training loop: generations -> epochs -> cache subsets -> optimiser steps.
+
+Per generation the student is re-initialised (backbone weights + cached NetVLAD init);
+from generation 1 on the previous generation's final network is the teacher, whose soft
+labels come from a cached teacher pass. Per cache subset, descriptors of every training
+query and database image are re-extracted across ranks and tuples are mined; each rank then
+trains on its share of the subset's tuples. A checkpoint is written after every subset.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .. import distributed as du
+from ..config import Config, save_config
+from ..data.manifest import Manifest
+from ..evaluation.pca import PCAWhitening
+from ..evaluation.runner import evaluate_splits, flat_metrics
+from ..losses import sfrs_hard_loss, sfrs_soft_loss, tuple_loss
+from ..mining import NegativeCache, mine_subset
+from ..teacher import run_teacher_pass
+from ..tracking import Tracker, build_tracker, git_commit
+from .checkpoint import TrainState, atomic_torch_save, checkpoint_name, load_checkpoint, resolve_resume
+from .engine import build_engine, lr_at
+from .model_init import build_student
+from .passes import eval_mode, extract_group
+from .tuples_data import TupleImages, collate_tuples
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSplit:
+    """Ground truth of the training split, from the manifest."""
+
+    sid: str
+    q_keys: List[str]
+    db_keys: List[str]
+    train_pos: List[np.ndarray]
+    potential: List[np.ndarray]
+    queries: np.ndarray
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, sid: str) -> "TrainSplit":
+        split = manifest.split_data(sid)
+        train_pos = split.training_positives()
+        queries = np.asarray([i for i, p in enumerate(train_pos) if len(p) > 0], dtype=np.int64)
+        if queries.size == 0:
+            raise ValueError(f"split {sid}: no training query has a database image within "
+                             f"{np.sqrt(split.nontriv_pos_dist_sq_thr):.1f} m")
+        return cls(sid, [r.key for r in split.queries], [r.key for r in split.database], train_pos,
+                   split.potential_positives(), queries)
+
+
+def seed_for(*parts: int) -> int:
+    """A 63-bit seed from integers (generation, epoch, subset, rank...)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+
+
+class Trainer:
+    """Runs a whole job; every rank builds one and calls ``run()``."""
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.rank, self.world = du.get_rank(), du.get_world_size()
+        self.run_dir = Path(cfg.run.out_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.cache_dir = self.run_dir / "cache"
+        self.manifest = Manifest.load(Path(cfg.data.shards))
+        self.train = TrainSplit.from_manifest(self.manifest, cfg.data.train_set)
+        self.state = TrainState()
+        self.tracker: Tracker = build_tracker(self.rank, cfg.tracking.uri, cfg.tracking.experiment, self.run_dir)
+        self.history: Dict[int, Dict] = {}
+
+    # ------------------------------------------------------------------ job
+    def run(self) -> Dict[int, Dict]:
+        cfg = self.cfg
+        if du.is_main_process():
+            save_config(cfg, self.run_dir / "config.yaml")
+        resume = resolve_resume(cfg.run.resume, self.ckpt_dir)
+        ckpt = load_checkpoint(resume) if resume else None
+        if ckpt:
+            self.state.load_state_dict(ckpt["state"])
+            self.tracker.load_state_dict(ckpt.get("tracker", {}))
+            self.history = ckpt.get("history", {})
+            log.info("resuming from %s at %s", resume, self.state)
+        self.tracker.start_job(cfg.tracking.run_name or self.run_dir.name, cfg.flat(),
+                               {"git_commit": git_commit(), "world_size": str(self.world)})
+        self.tracker.log_artifact(self.run_dir / "config.yaml")
+        try:
+            while self.state.generation < cfg.train.generations:
+                self._generation(self.state.generation, ckpt)
+                ckpt = None
+            self.tracker.finish("FINISHED")
+        except BaseException:
+            self.tracker.finish("FAILED")
+            raise
+        return self.history
+
+    # ----------------------------------------------------------- generation
+    def _generation(self, gen: int, ckpt: Optional[Dict]) -> None:
+        cfg = self.cfg
+        net = build_student(cfg, self.manifest, self.train.sid, self.cache_dir, self.device)
+        teacher, teacher_key, teacher_s = None, "", 0.0
+        if gen >= 1:
+            teacher_ckpt = self.final_path(gen - 1)
+            t0 = time.time()
+            teacher, teacher_key = run_teacher_pass(cfg, self.manifest, self.train.train_pos, teacher_ckpt,
+                                                    self.cache_dir, self.device)
+            teacher_s = time.time() - t0
+        engine = build_engine(cfg.train.engine, net, self.device, cfg.train.lr, cfg.train.momentum,
+                              cfg.train.weight_decay, cfg.train.precision, cfg.train.zero_stage,
+                              cfg.train.batch_size)
+        neg_cache = NegativeCache(len(self.train.q_keys), cfg.mining.num_negatives)
+        if ckpt is not None and "model" in ckpt:
+            engine.module.load_state_dict(ckpt["model"])
+            engine.load_optimizer_state(ckpt["optimizer"])
+            neg_cache.load_state_dict(ckpt["negatives"])
+        self.tracker.start_generation(gen, cfg.flat(), {"teacher_checkpoint": teacher_key or "none",
+                                                        "git_commit": git_commit()})
+        if teacher_s:
+            self.tracker.log_metrics({"teacher_pass_s": teacher_s}, step=self.state.step)
+        epochs = cfg.train.gen0_epochs if gen == 0 else cfg.train.epochs
+        while self.state.epoch < epochs:
+            self._epoch(gen, self.state.epoch, engine, neg_cache, teacher)
+            self.state.epoch += 1
+            self.state.subset = self.state.epoch_step = 0
+            self._save(engine, neg_cache)
+        self._finish_generation(gen, engine)
+
+    def _finish_generation(self, gen: int, engine) -> None:
+        cfg = self.cfg
+        final = self.final_path(gen)
+        if du.is_main_process():
+            atomic_torch_save({"model": engine.module.state_dict(), "generation": gen, "config": cfg.to_dict()}, final)
+        du.barrier()
+        tables, pca_path = self._test(engine.module, gen)
+        self.history.setdefault(gen, {})["test"] = tables
+        self.tracker.log_metrics(flat_metrics(tables), step=self.state.step)
+        self.tracker.log_artifact(final, "checkpoints")
+        if pca_path is not None:
+            self.tracker.log_artifact(pca_path, "pca")
+        self.tracker.end_generation()
+        self.state.generation = gen + 1
+        self.state.epoch = self.state.subset = self.state.step = self.state.epoch_step = 0
+        self._save(None, None)
+
+    def final_path(self, gen: int) -> Path:
+        return self.ckpt_dir / f"generation{gen:02d}_final.pt"
+
+    # ---------------------------------------------------------------- epoch
+    def _epoch(self, gen: int, epoch: int, engine, neg_cache, teacher) -> None:
+        cfg = self.cfg
+        engine.set_lr(lr_at(epoch, cfg.train.lr, cfg.train.lr_step, cfg.train.lr_gamma))
+        order = np.random.default_rng(seed_for(cfg.train.seed, gen, epoch)).permutation(self.train.queries)
+        subsets = [order[i:i + cfg.mining.cache_subset_size] for i in range(0, len(order), cfg.mining.cache_subset_size)]
+        t_epoch = time.time()
+        losses: List[float] = []
+        while self.state.subset < len(subsets):
+            s = self.state.subset
+            tuples, timings = self._refresh(engine, gen, epoch, s, subsets[s], neg_cache)
+            losses += self._train_subset(engine, gen, epoch, s, tuples, teacher)
+            self.tracker.log_metrics(timings, step=self.state.step)
+            self.state.subset += 1
+            self._save(engine, neg_cache)
+        val = {}
+        if cfg.data.val_set and cfg.data.val_set in self.manifest.splits:
+            with eval_mode(engine.module):
+                val = evaluate_splits(engine.module, engine.module.output_dim, self.manifest, [cfg.data.val_set],
+                                      cfg.data, self.device, cfg.eval.recall_ns, bf16=cfg.eval.bf16)
+            self.tracker.log_metrics({**flat_metrics(val), "epoch": epoch}, step=self.state.step)
+        self.history.setdefault(gen, {}).setdefault("epochs", []).append({"epoch": epoch, "val": val})
+        r = val.get(cfg.data.val_set, ({}, {}))[0].get("all", {}) if val else {}
+        log.info("generation %d epoch %d: %d steps, loss %.4f, %.1f s%s", gen, epoch, len(losses),
+                 float(np.mean(losses)) if losses else float("nan"), time.time() - t_epoch,
+                 "".join(f", val R@{n} {100 * v:.1f}" for n, v in r.items()))
+
+    # --------------------------------------------------------------- mining
+    def _refresh(self, engine, gen: int, epoch: int, s: int, subset: np.ndarray, neg_cache):
+        cfg = self.cfg
+        t0 = time.time()
+        net = engine.module
+        with eval_mode(net):
+            common = dict(image_size=cfg.data.image_size, batch_size=cfg.data.extract_batch_size,
+                          num_workers=cfg.data.num_workers, device=self.device, bf16=cfg.eval.bf16)
+            q_desc = extract_group(net, net.output_dim, self.manifest, self.train.sid, "q", **common)
+            db_desc = extract_group(net, net.output_dim, self.manifest, self.train.sid, "db", **common)
+        t1 = time.time()
+        rng = np.random.default_rng(seed_for(cfg.train.seed, gen, epoch, s, 1))
+        tuples, timings = mine_subset(
+            subset, q_desc, db_desc, self.train.train_pos, self.train.potential, neg_cache, rng,
+            num_negatives=cfg.mining.num_negatives, neg_pool=cfg.mining.neg_pool,
+            num_difficult=cfg.mining.num_difficult if gen >= 1 else 0,
+            difficult_candidates=cfg.mining.difficult_candidates, k1=cfg.mining.k1, k2=cfg.mining.k2,
+            lam=cfg.mining.lam, bf16=cfg.mining.bf16_search,
+        )
+        out = {"extract_s": t1 - t0, "mining_s": time.time() - t1}
+        out.update({f"mining_{k}": v for k, v in timings.items()})
+        return tuples, out
+
+    # ------------------------------------------------------------- training
+    def _train_subset(self, engine, gen: int, epoch: int, s: int, tuples, teacher) -> List[float]:
+        cfg = self.cfg
+        per_step = self.world * cfg.train.batch_size
+        steps = len(tuples) // per_step
+        if cfg.train.max_steps_per_epoch:
+            steps = min(steps, max(0, cfg.train.max_steps_per_epoch - self.state.epoch_step))
+        mine = [tuples[(i * self.world + self.rank) * cfg.train.batch_size + b]
+                for i in range(steps) for b in range(cfg.train.batch_size)]
+        torch.manual_seed(seed_for(cfg.train.seed, gen, epoch, s, 2, self.rank))
+        ds = TupleImages(cfg.data.shards, self.train.q_keys, self.train.db_keys, mine, cfg.data.image_size)
+        loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=False,
+                                             num_workers=cfg.data.num_workers, collate_fn=collate_tuples)
+        engine.train(True)
+        tau = cfg.temperature(gen)
+        tau0 = cfg.loss.temperatures[0]
+        losses = []
+        bar = tqdm(loader, total=steps, desc=f"g{gen} e{epoch} s{s}", leave=False, disable=not du.is_main_process())
+        t0 = time.time()
+        for batch in bar:
+            loss, parts = self._loss(engine, batch, gen, tau0, tau, teacher)
+            engine.backward_step(loss)
+            self.state.step += 1
+            self.state.epoch_step += 1
+            self.state.total_steps += 1
+            losses.append(float(loss.detach()))
+            if self.state.step % cfg.train.log_every == 0:
+                elapsed = time.time() - t0
+                self.tracker.log_metrics({**parts, "loss": losses[-1], "lr": engine.optimizer.param_groups[0]["lr"],
+                                          "tuples_per_s": len(losses) * per_step / max(elapsed, 1e-9)},
+                                         step=self.state.step)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        return losses
+
+    def _loss(self, engine, batch, gen: int, tau0: float, tau: float, teacher):
+        cfg = self.cfg
+        images = torch.cat([b["images"] for b in batch]).to(self.device)
+        regions = engine.forward(images, regions=True)  # (N, 9, D)
+        q, p, negs, nregs, soft_s, soft_t, masks = [], [], [], [], [], [], []
+        k_max = max([len(b["difficult"]) for b in batch] + [1])
+        off = 0
+        for b in batch:
+            n, k = b["num_negatives"], len(b["difficult"])
+            r = regions[off:off + 2 + n + k]
+            off += 2 + n + k
+            q.append(r[0, 0])
+            p.append(r[1, 0])
+            negs.append(r[2:2 + n, 0])
+            nregs.append(r[2:2 + n])
+            if gen >= 1:
+                s = torch.einsum("d,krd->kr", r[0, 0], r[2 + n:]) if k else r.new_zeros(0, 9)
+                t = torch.as_tensor(teacher.lookup(b["query"], b["difficult"]), device=s.device) if k \
+                    else s.new_zeros(0, 9)
+                pad = k_max - k
+                soft_s.append(torch.cat([s, s.new_zeros(pad, 9)]))
+                soft_t.append(torch.cat([t.float(), t.new_zeros(pad, 9).float()]))
+                masks.append(torch.arange(k_max, device=s.device) < k)
+        q, p = torch.stack(q), torch.stack(p)
+        if gen == 0:
+            hard = tuple_loss(q, p, torch.stack(negs), kind=cfg.loss.kind, temp=tau0, margin=cfg.loss.margin)
+            return hard, {"loss_hard": float(hard.detach())}
+        hard = sfrs_hard_loss(q, p, torch.stack(nregs), temp=tau0, kind=cfg.loss.kind, margin=cfg.loss.margin)
+        soft = sfrs_soft_loss(torch.stack(soft_s), torch.stack(soft_t), torch.stack(masks), tau0=tau0, tau_g=tau)
+        loss = hard + cfg.loss.soft_weight * soft
+        return loss, {"loss_hard": float(hard.detach()), "loss_soft": float(soft.detach())}
+
+    # ------------------------------------------------------------ test/ckpt
+    def _test(self, net, gen: int):
+        cfg = self.cfg
+        sids = [s for s in cfg.data.test_sets if s in self.manifest.splits]
+        missing = [s for s in cfg.data.test_sets if s not in self.manifest.splits]
+        if missing:
+            log.warning("test sets not in the shard manifest, skipped: %s", missing)
+        pca, pca_path = None, None
+        with eval_mode(net):
+            if cfg.eval.pca_dim and cfg.eval.pca_dim < net.output_dim:
+                db = extract_group(net, net.output_dim, self.manifest, self.train.sid, "db",
+                                   image_size=cfg.data.image_size, batch_size=cfg.data.extract_batch_size,
+                                   num_workers=cfg.data.num_workers, device=self.device, bf16=cfg.eval.bf16)
+                pca = PCAWhitening(cfg.eval.pca_dim).fit(db, max_samples=cfg.eval.pca_samples, seed=cfg.train.seed)
+                pca_path = self.ckpt_dir / f"generation{gen:02d}_pca.h5"
+                if du.is_main_process():
+                    pca.save(str(pca_path))
+            tables = evaluate_splits(net, net.output_dim, self.manifest, sids, cfg.data, self.device,
+                                     cfg.eval.recall_ns, pca=pca, bf16=cfg.eval.bf16)
+        return tables, pca_path
+
+    def _save(self, engine, neg_cache) -> None:
+        st = self.state
+        payload = {
+            "state": st.state_dict(),
+            "tracker": self.tracker.state_dict(),
+            "history": self.history,
+            "config": self.cfg.to_dict(),
+        }
+        if engine is not None:
+            payload.update(model=engine.module.state_dict(), optimizer=engine.optimizer_state(),
+                           negatives=neg_cache.state_dict())
+        # the tracker's run ids live on rank 0; it is also the only writer
+        if du.is_main_process():
+            atomic_torch_save(payload, self.ckpt_dir / checkpoint_name(st.generation, st.epoch, st.subset))
+        du.barrier()
+

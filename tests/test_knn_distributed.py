@@ -1,0 +1,138 @@
+"""Sharded faiss top-k across 2 real gloo processes, against brute-force numpy search."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sfrs_dist.mining.knn import self_topk, shard_range, sharded_topk
+
+N_DB, N_Q, DIM, K = 120, 17, 24, 7
+SPLIT = 37  # rank 0 holds rows [0, 37), rank 1 rows [37, 120): uneven shards
+
+
+def _data(seed: int = 0, ties: bool = False):
+    rng = np.random.default_rng(seed)
+    if ties:
+        # small integers: every inner product is exact in float32 and many are equal
+        db = rng.integers(-1, 2, size=(N_DB, DIM)).astype(np.float32)
+        q = rng.integers(-1, 2, size=(N_Q, DIM)).astype(np.float32)
+        return db, q
+    db = rng.standard_normal((N_DB, DIM)).astype(np.float32)
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    q = rng.standard_normal((N_Q, DIM)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    return db, q
+
+
+def brute_force(db: np.ndarray, q: np.ndarray, k: int):
+    """Dense scores, full sort by (score desc, id asc)."""
+    s = q.astype(np.float64) @ db.astype(np.float64).T
+    ids = np.broadcast_to(np.arange(db.shape[0]), s.shape)
+    order = np.lexsort((ids, -s), axis=1)[:, :k]
+    return np.take_along_axis(s, order, 1), order
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for ties in (False, True):
+            db, q = _data(ties=ties)
+            start, end = (0, SPLIT) if rank == 0 else (SPLIT, N_DB)
+            for bf16 in ((False,) if ties else (False, True)):
+                s, i = sharded_topk(db[start:end], start, q, K, bf16=bf16)
+                results[f"topk_t{int(ties)}_b{int(bf16)}_s"] = s
+                results[f"topk_t{int(ties)}_b{int(bf16)}_i"] = i
+        db, _ = _data(seed=1)
+        for bf16 in (False, True):
+            s, i = self_topk(db, K, bf16=bf16)
+            results[f"self_b{int(bf16)}_s"] = s
+            results[f"self_b{int(bf16)}_i"] = i
+        np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **results)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("knn2")
+    mp.spawn(_worker, args=(2, str(tmp / "init"), str(tmp)), nprocs=2, join=True)
+    return [dict(np.load(tmp / f"rank{r}.npz")) for r in range(2)]
+
+
+@pytest.mark.parametrize("ties,bf16", [(False, False), (False, True), (True, False)])
+def test_two_ranks_match_brute_force(two_rank_results, ties, bf16):
+    """Exact search breaks exact ties by global id; bf16 matches exact search off ties."""
+    db, q = _data(ties=ties)
+    ref_s, ref_i = brute_force(db, q, K)
+    for res in two_rank_results:
+        np.testing.assert_array_equal(res[f"topk_t{int(ties)}_b{int(bf16)}_i"], ref_i)
+        np.testing.assert_allclose(res[f"topk_t{int(ties)}_b{int(bf16)}_s"], ref_s, rtol=0, atol=1e-5)
+    if ties:  # the case must actually contain ties at the cut for the tie-break to be tested
+        s = q @ db.T
+        kth = np.sort(s, axis=1)[:, ::-1][:, K - 1]
+        assert ((s == kth[:, None]).sum(1) > 1).any()
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_two_ranks_self_graph(two_rank_results, bf16):
+    db, _ = _data(seed=1)
+    ref_s, ref_i = brute_force(db, db, K)
+    assert (ref_i[:, 0] == np.arange(N_DB)).all()
+    for res in two_rank_results:
+        np.testing.assert_array_equal(res[f"self_b{int(bf16)}_i"], ref_i)
+        np.testing.assert_allclose(res[f"self_b{int(bf16)}_s"], ref_s, atol=1e-5)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_single_process(bf16):
+    db, q = _data(seed=3)
+    ref_s, ref_i = brute_force(db, q, K)
+    s, i = sharded_topk(db, 0, q, K, bf16=bf16)
+    np.testing.assert_array_equal(i, ref_i)
+    np.testing.assert_allclose(s, ref_s, atol=1e-5)
+    s, i = self_topk(q, 5, bf16=bf16)
+    ref_s, ref_i = brute_force(q, q, 5)
+    np.testing.assert_array_equal(i, ref_i)
+
+
+def test_bf16_many_blocks(monkeypatch):
+    """Block loops with several row and column blocks (including the symmetric half)."""
+    import sfrs_dist.mining.knn as knn
+
+    monkeypatch.setattr(knn, "_MAX_BLOCK_ROWS", 16)
+    monkeypatch.setattr(knn, "_BF16_BLOCK_BYTES", 1 << 30)
+    db, q = _data(seed=4)
+    ref_s, ref_i = brute_force(db, q, K)
+    s, i = sharded_topk(db, 0, q, K, bf16=True)
+    np.testing.assert_array_equal(i, ref_i)
+    s, i = self_topk(db, K, bf16=True)
+    np.testing.assert_array_equal(i, brute_force(db, db, K)[1])
+
+
+def test_shard_range_covers_all_rows():
+    for n in (0, 1, 7, 100):
+        for w in (1, 2, 3, 8):
+            ranges = [shard_range(n, r, w) for r in range(w)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == n
+            assert all(ranges[r][1] == ranges[r + 1][0] for r in range(w - 1))
+            sizes = [e - s for s, e in ranges]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_bad_input_raises():
+    db, q = _data()
+    with pytest.raises(ValueError, match="dimension"):
+        sharded_topk(db[:, :5], 0, q, 3)
+    with pytest.raises(ValueError, match="k="):
+        sharded_topk(db[:4], 0, q, 5)
+    with pytest.raises(ValueError, match="2-d"):
+        sharded_topk(db, 0, q[0], 3)

@@ -1,0 +1,50 @@
+"""Teacher cache: sharded computation equals a brute-force one; lookups; missing entries named."""
+
+import numpy as np
+import pytest
+
+from sfrs_dist import teacher_cache as tc
+
+
+def _setup(seed=0, nq=15, ndb=40, dim=16):
+    rng = np.random.default_rng(seed)
+    positives = [np.sort(rng.choice(ndb, rng.integers(0, 6), replace=False)) for _ in range(nq)]
+    qg = rng.normal(size=(nq, dim)).astype(np.float32)
+    regions = rng.normal(size=(ndb, 9, dim)).astype(np.float32)
+    return positives, qg, regions
+
+
+def test_sharded_cache_matches_brute_force(tmp_path):
+    positives, qg, regions = _setup()
+    inv = tc.invert_positives(positives, regions.shape[0])
+    # two "ranks" each see an uneven, interleaved part of the database
+    shards = [np.arange(0, 40, 3), np.setdiff1d(np.arange(40), np.arange(0, 40, 3))]
+    for r, ids in enumerate(shards):
+        q, j, s = tc.region_query_similarities(ids, regions[ids], qg, inv)
+        tc.save_shard(tmp_path, "abc", r, 2, q, j, s)
+    tc.mark_done(tmp_path, "abc", 2, {})
+    cache = tc.load_cache(tmp_path, "abc", len(positives))
+    assert cache.covers(positives)
+    for qi, pos in enumerate(positives):
+        if len(pos) == 0:
+            continue
+        want = np.stack([regions[j] @ qg[qi] for j in pos])
+        got = cache.lookup(qi, list(pos[::-1]))
+        np.testing.assert_allclose(got, want[::-1], rtol=1e-5, atol=1e-5)
+
+
+def test_missing_entry_and_shard_named(tmp_path):
+    positives, qg, regions = _setup(1)
+    inv = tc.invert_positives(positives, regions.shape[0])
+    q, j, s = tc.region_query_similarities(np.arange(40), regions, qg, inv)
+    cache = tc.TeacherCache.from_triplets(q, j, s, len(positives), "k1")
+    qi = next(i for i, p in enumerate(positives) if len(p) > 0)
+    outsider = next(x for x in range(40) if x not in set(positives[qi]))
+    with pytest.raises(tc.TeacherCacheError, match=rf"k1.*query {qi}.*\[{outsider}\]"):
+        cache.lookup(qi, [outsider])
+    with pytest.raises(tc.TeacherCacheError, match="not found"):
+        tc.load_cache(tmp_path, "nokey", len(positives))
+    tc.save_shard(tmp_path, "k2", 0, 2, q, j, s)
+    tc.mark_done(tmp_path, "k2", 2, {})
+    with pytest.raises(tc.TeacherCacheError, match="rank001of002"):
+        tc.load_cache(tmp_path, "k2", len(positives))
