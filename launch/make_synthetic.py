@@ -1,6 +1,6 @@
 """Generate the synthetic-city Pittsburgh and Tokyo 24/7 datasets.
 
-    python launch/make_synthetic.py --out data/synthetic --preset tiny --seed 0 [--workers N] [--places N]
+python launch/make_synthetic.py --out data/synthetic --preset tiny --seed 0 [--workers N] [--places N]
 """
 
 from __future__ import annotations
@@ -22,10 +22,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="output folder (gets pitts/ and tokyo247/)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="dataset size preset")
     p.add_argument("--seed", type=int, default=0, help="seed of the city, cameras and noise")
-    p.add_argument("--workers", type=int, default=1, help="rendering processes (output does not depend on it)")
-    p.add_argument("--places", type=int, default=None, help="Pittsburgh database places (rescales every count)")
-    p.add_argument("--image-size", type=int, nargs=2, default=(120, 160), metavar=("H", "W"), help="image size")
-    p.add_argument("--query-views", type=int, default=None, help="views rendered per Pittsburgh query position")
+    p.add_argument(
+        "--workers", type=int, default=1, help="rendering processes (output does not depend on it)"
+    )
+    p.add_argument(
+        "--places", type=int, default=None, help="Pittsburgh database places (rescales every count)"
+    )
+    p.add_argument(
+        "--image-size", type=int, nargs=2, default=(120, 160), metavar=("H", "W"), help="image size"
+    )
+    p.add_argument(
+        "--query-views", type=int, default=None, help="views rendered per Pittsburgh query position"
+    )
     return p.parse_args(argv)
 
 

@@ -13,7 +13,9 @@ from PIL import Image
 
 from sfrs_dist.data import synthetic as syn
 
-SMALL = dict(pitts_places=20, pitts_query_positions=3, query_views=2, tokyo_panoramas=2, tokyo_query_positions=1)
+SMALL = dict(
+    pitts_places=20, pitts_query_positions=3, query_views=2, tokyo_panoramas=2, tokyo_query_positions=1
+)
 SMALL_SIZE = (36, 48)
 
 
@@ -50,6 +52,16 @@ def _shift_corr(a: np.ndarray, b: np.ndarray, max_shift: int, step: int = 2) -> 
             best = max(best, _corr(a[:, s:], b[:, : w - s]))
         else:
             best = max(best, _corr(a[:, : w + s], b[:, -s:]))
+    return best
+
+
+def _place_score(q: np.ndarray, root: Path, views: list, cache: Dict[str, np.ndarray]) -> float:
+    """Best shift-tolerant correlation of query ``q`` with any of a place's views (80x60)."""
+    best = -1.0
+    for name in views:
+        if name not in cache:
+            cache[name] = _grey(root / name, (80, 60))
+        best = max(best, _shift_corr(q, cache[name], max_shift=20))
     return best
 
 
@@ -191,19 +203,14 @@ def test_query_is_closer_to_its_nearest_place_than_to_a_far_place(tiny):
             views_of.setdefault(tuple(utm), []).append(name)
         place_xy = np.array(list(views_of))
         cache: Dict[str, np.ndarray] = {}
-
-        def score(q: np.ndarray, place: tuple) -> float:
-            views = [cache.setdefault(n, _grey(root / n, (80, 60))) for n in views_of[place]]
-            return max(_shift_corr(q, v, max_shift=20) for v in views)
-
         for qname, qutm in zip(m["qImageFns"], m["utmQ"]):
             dist = np.linalg.norm(place_xy - qutm, axis=1)
             far_idx = np.nonzero(dist > 50.0)[0]
             if far_idx.size == 0:
                 continue
             q = _grey(root / "queries_real" / qname, (80, 60))
-            near_scores.append(score(q, tuple(place_xy[np.argmin(dist)])))
-            far_scores.append(score(q, tuple(place_xy[rng.choice(far_idx)])))
+            near_scores.append(_place_score(q, root, views_of[tuple(place_xy[np.argmin(dist)])], cache))
+            far_scores.append(_place_score(q, root, views_of[tuple(place_xy[rng.choice(far_idx)])], cache))
     near_scores, far_scores = np.array(near_scores), np.array(far_scores)
     assert len(near_scores) >= 10
     assert near_scores.mean() > far_scores.mean() + 0.03
@@ -216,8 +223,12 @@ def test_rotation_by_30_degrees_is_an_exact_half_image_shift():
     light = syn.Light("day", noise=0.0)
     cam = syn.Camera(place.x, place.y, place.street_angle)
     a = syn.render_view(city, cam, light, (60, 80)).astype(int)
-    b = syn.render_view(city, syn.Camera(place.x, place.y, place.street_angle + math.radians(30)), light, (60, 80)).astype(int)
-    c = syn.render_view(city, syn.Camera(place.x, place.y, place.street_angle + math.pi), light, (60, 80)).astype(int)
+    b = syn.render_view(
+        city, syn.Camera(place.x, place.y, place.street_angle + math.radians(30)), light, (60, 80)
+    ).astype(int)
+    c = syn.render_view(
+        city, syn.Camera(place.x, place.y, place.street_angle + math.pi), light, (60, 80)
+    ).astype(int)
     assert np.abs(a[:, :40] - b[:, 40:]).max() <= 1
     assert np.abs(a[:, :40] - c[:, 40:]).mean() > 10
     # the scene has structure: sky on top (blue dominant), darker road at the bottom
@@ -278,7 +289,9 @@ def test_bad_options_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="condition"):
         syn.Light("dusk")
     cfg = syn.resolve_config("tiny", places=48)
-    assert cfg.pitts_places == 48 and cfg.pitts_query_positions == 2 * syn.PRESETS["tiny"].pitts_query_positions
+    assert (
+        cfg.pitts_places == 48 and cfg.pitts_query_positions == 2 * syn.PRESETS["tiny"].pitts_query_positions
+    )
 
 
 def test_project_reader_reads_the_synthetic_city(tiny):

@@ -2,9 +2,11 @@
 
 Two paths, both without a dense query x database matrix:
 
-* exact: a faiss ``IndexFlatIP`` (GPU faiss when ``faiss.get_num_gpus() > 0``, CPU faiss
-  otherwise). faiss computes the inner products block by block and keeps a per-query heap,
-  so memory stays at the database plus one block of scores.
+* exact: faiss flat inner-product search. On GPU (``faiss.get_num_gpus() > 0``) an
+  ``IndexFlatIP`` sharded over all GPUs; on CPU ``faiss.knn`` with the inner-product metric,
+  the same blocked BLAS + per-query heap as ``IndexFlatIP.search`` but reading the caller's
+  array instead of copying the database into an index. Memory stays at the database plus
+  one block of scores.
 * bf16 candidates + exact re-score: chunks of queries are scored against blocks of the
   database with torch matmuls on bfloat16 inputs (fp32 accumulation, bf16 output, as CPU
   autocast does for a matmul); the top ``k + margin`` candidates per query are kept across
@@ -89,12 +91,17 @@ def _pad(scores: np.ndarray, indices: np.ndarray, k: int) -> Tuple[np.ndarray, n
 
 def _search_faiss(db: np.ndarray, queries: np.ndarray, k: int, use_gpu: bool,
                   chunk: int) -> Tuple[np.ndarray, np.ndarray]:
-    index = build_flat_index(db, use_gpu)
+    if use_gpu:
+        index = build_flat_index(db, use_gpu=True)
+        search = index.search
+    else:
+        def search(xq: np.ndarray, kk: int):
+            return faiss.knn(xq, db, kk, metric=faiss.METRIC_INNER_PRODUCT)
     scores = np.empty((queries.shape[0], k), dtype=np.float32)
     indices = np.empty((queries.shape[0], k), dtype=np.int64)
     for q0 in range(0, queries.shape[0], chunk):
         q1 = min(q0 + chunk, queries.shape[0])
-        scores[q0:q1], indices[q0:q1] = index.search(queries[q0:q1], k)
+        scores[q0:q1], indices[q0:q1] = search(queries[q0:q1], k)
     return scores, indices
 
 

@@ -1,11 +1,25 @@
 """Mining: sharded faiss top-k, k-reciprocal re-ranking from sparse kNN lists, tuple selection."""
 
-from sfrs_dist.mining.knn import (gather_inner_products, merge_topk, pair_inner_products, self_topk,
-                                  shard_range, sharded_topk)
+from sfrs_dist.mining.knn import (
+                                  gather_inner_products,
+                                  merge_topk,
+                                  pair_inner_products,
+                                  self_topk,
+                                  shard_range,
+                                  sharded_topk,
+)
 from sfrs_dist.mining.rerank import rerank_dense_reference, rerank_pair_distances
-from sfrs_dist.mining.tuples import (MiningResult, MiningTimings, NegativeCache, TrainingTuple,
-                                     make_negative_sampler, mine_subset, select_difficult_positives,
-                                     select_easiest_positive, select_hard_negatives)
+from sfrs_dist.mining.tuples import (
+                                  MiningResult,
+                                  MiningTimings,
+                                  NegativeCache,
+                                  TrainingTuple,
+                                  make_negative_sampler,
+                                  mine_subset,
+                                  select_difficult_positives,
+                                  select_easiest_positive,
+                                  select_hard_negatives,
+)
 
 __all__ = [
     "gather_inner_products", "merge_topk", "pair_inner_products", "self_topk", "shard_range", "sharded_topk",

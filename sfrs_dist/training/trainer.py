@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -25,7 +25,7 @@ from ..data.manifest import Manifest
 from ..evaluation.pca import PCAWhitening
 from ..evaluation.runner import evaluate_splits, flat_metrics
 from ..losses import sfrs_hard_loss, sfrs_soft_loss, tuple_loss
-from ..mining import NegativeCache, mine_subset
+from ..mining import NegativeCache, make_negative_sampler, mine_subset
 from ..teacher import run_teacher_pass
 from ..tracking import Tracker, build_tracker, git_commit
 from .checkpoint import TrainState, atomic_torch_save, checkpoint_name, load_checkpoint, resolve_resume
@@ -78,6 +78,7 @@ class Trainer:
         self.manifest = Manifest.load(Path(cfg.data.shards))
         self.train = TrainSplit.from_manifest(self.manifest, cfg.data.train_set)
         self.state = TrainState()
+        self.neg_sampler = make_negative_sampler(len(self.train.db_keys), self.train.potential)
         self.tracker: Tracker = build_tracker(self.rank, cfg.tracking.uri, cfg.tracking.experiment, self.run_dir)
         self.history: Dict[int, Dict] = {}
 
@@ -124,7 +125,7 @@ class Trainer:
         if ckpt is not None and "model" in ckpt:
             engine.module.load_state_dict(ckpt["model"])
             engine.load_optimizer_state(ckpt["optimizer"])
-            neg_cache.load_state_dict(ckpt["negatives"])
+            neg_cache = NegativeCache.from_state_dict(ckpt["negatives"])
         self.tracker.start_generation(gen, cfg.flat(), {"teacher_checkpoint": teacher_key or "none",
                                                         "git_commit": git_commit()})
         if teacher_s:
@@ -196,15 +197,12 @@ class Trainer:
             db_desc = extract_group(net, net.output_dim, self.manifest, self.train.sid, "db", **common)
         t1 = time.time()
         rng = np.random.default_rng(seed_for(cfg.train.seed, gen, epoch, s, 1))
-        tuples, timings = mine_subset(
-            subset, q_desc, db_desc, self.train.train_pos, self.train.potential, neg_cache, rng,
-            num_negatives=cfg.mining.num_negatives, neg_pool=cfg.mining.neg_pool,
-            num_difficult=cfg.mining.num_difficult if gen >= 1 else 0,
-            difficult_candidates=cfg.mining.difficult_candidates, k1=cfg.mining.k1, k2=cfg.mining.k2,
-            lam=cfg.mining.lam, bf16=cfg.mining.bf16_search,
-        )
+        feats = np.concatenate([q_desc, db_desc])
+        res = mine_subset(subset, feats, len(self.train.q_keys), self.train.train_pos, self.neg_sampler,
+                          neg_cache, gen, rng, cfg.mining)
+        tuples = res.tuples
         out = {"extract_s": t1 - t0, "mining_s": time.time() - t1}
-        out.update({f"mining_{k}": v for k, v in timings.items()})
+        out.update({f"mining_{k}": v for k, v in asdict(res.timings).items()})
         return tuples, out
 
     # ------------------------------------------------------------- training

@@ -16,7 +16,7 @@ class TupleImages(torch.utils.data.Dataset):
     Args:
         shard_dir: the shard folder (random access through its manifest index).
         q_keys, db_keys: sample keys of the training split's queries and database images.
-        tuples: mined tuples (``query``, ``positive``, ``negatives``, ``difficult``).
+        tuples: mined ``TrainingTuple`` s (query, positive, negatives, difficult positives).
         image_size: (H, W) after the training transform (colour jitter + resize).
     """
 
@@ -42,12 +42,12 @@ class TupleImages(torch.utils.data.Dataset):
         t = self.tuples[i]
         keys = [self.q_keys[t.query], self.db_keys[t.positive]]
         keys += [self.db_keys[j] for j in t.negatives]
-        keys += [self.db_keys[j] for j in t.difficult]
+        keys += [self.db_keys[j] for j in t.difficult_positives]
         return {
             "images": torch.stack([self._image(k) for k in keys]),
             "query": int(t.query),
             "num_negatives": len(t.negatives),
-            "difficult": [int(j) for j in t.difficult],
+            "difficult": [int(j) for j in t.difficult_positives],
         }
 
 
