@@ -4,7 +4,8 @@ query x database distance matrix with a full argsort (the reference evaluation p
 Synthetic city at Pitts250k-test scale by default (8,280 queries, 83,952 database images,
 4096-d unit descriptors): places every 12 m along streets 100 m apart, 24 database views per
 place, queries within 5 m of a place; a descriptor is its place's random centre plus
-Gaussian noise, so recalls are well below 100%. Positives: database images within 25 m
+Gaussian noise (``--snr``: expected same-place similarity over the spread of unrelated
+similarities), so recalls are well below 100%. Positives: database images within 25 m
 (KD-tree on the synthetic UTMs).
 
 Each method runs in its own subprocess (data loaded from .npy files written once), which
@@ -147,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--queries", type=int, default=8280)
     p.add_argument("--db", type=int, default=83952)
     p.add_argument("--dim", type=int, default=4096)
-    p.add_argument("--noise", type=float, default=3.6, help="noise norm relative to the place centre")
+    p.add_argument("--snr", type=float, default=2.8,
+                   help="same-place similarity over the std of unrelated similarities (sets the noise)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -161,10 +163,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown method(s) {sorted(unknown)}; choose from {METHODS}")
     print(f"command: {' '.join(sys.argv)}")
-    print(f"queries={args.queries} db={args.db} dim={args.dim} noise={args.noise} cpus={os.cpu_count()}")
+    noise = float(np.sqrt(max(np.sqrt(args.dim) / args.snr - 1.0, 0.0)))
+    print(f"queries={args.queries} db={args.db} dim={args.dim} noise={noise:.2f} cpus={os.cpu_count()}")
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as data_dir:
         t0 = time.perf_counter()
-        synthetic_city(args.queries, args.db, args.dim, args.noise, data_dir, args.seed)
+        synthetic_city(args.queries, args.db, args.dim, noise, data_dir, args.seed)
         print(f"synthetic data written in {time.perf_counter() - t0:.1f}s")
         results = {"load": spawn("load", data_dir)}
         for m in methods:

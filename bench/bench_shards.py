@@ -140,19 +140,22 @@ def main(argv: List[str] | None = None) -> None:
         n = len(split.database)
         files = [r.file for r in split.database]
         mean_kb = np.mean([Path(f).stat().st_size for f in files]) / 1024
-        t0 = time.perf_counter()
-        build_shards([split], tmp / "shards", shard_size=args.shard_size, workers=args.build_workers,
-                     progress=False)
-        build_s = time.perf_counter() - t0
-        manifest = Manifest.load(tmp / "shards")
+        build_rates = {}
+        for bw in sorted({1, args.build_workers}):
+            t0 = time.perf_counter()
+            build_shards([split], tmp / f"shards{bw}", shard_size=args.shard_size, workers=bw, progress=False)
+            build_rates[bw] = n / (time.perf_counter() - t0)
+        build_dir = tmp / f"shards{args.build_workers}"
+        manifest = Manifest.load(build_dir)
         blobs = [Path(f).read_bytes() for f in files]
         tf = eval_transform(*args.size)
         group = f"{split.name}_{split.split}_db"
 
         print(f"{n} JPEGs {args.image_size[0]}x{args.image_size[1]} (mean {mean_kb:.0f} KiB), "
               f"resize to {args.size[0]}x{args.size[1]}, batch {args.batch_size}")
-        print(f"builder: {n / build_s:.0f} images/s with {args.build_workers} workers "
-              f"(validate + write + sha256, {len(manifest.shards)} shards)")
+        for bw, r in build_rates.items():
+            print(f"builder: {r:.0f} images/s with {bw} worker(s) (decode check + tar write + sha256, "
+                  f"{len(manifest.shards)} shards; includes process start-up)")
         print(f"{'workers':>7} {'shards':>9} {'folder':>9} {'memory':>9} {'shards/folder':>14} {'shards/memory':>14}")
         for w in args.workers:
             def plain(items, w=w):

@@ -79,7 +79,10 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) ->
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and not is_distributed():
         backend = backend or default_backend()
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        rank = int(os.environ["RANK"])
+        dist.init_process_group(backend=backend, store=_job_store(rank, world_size, timeout), rank=rank,
+                                world_size=world_size, timeout=timeout)
         log.info("process group up: rank %d/%d backend %s", get_rank(), get_world_size(), backend)
     local_ws = get_local_world_size()
     return DistInfo(
@@ -91,6 +94,20 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) ->
         backend=dist.get_backend() if is_distributed() else None,
         device=device,
     )
+
+
+def _job_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store, with keys scoped to this restart of the worker group.
+
+    Under ``torchrun --max-restarts`` the restarted workers meet in the same TCP store as
+    the failed ones; without a per-attempt prefix they can read the dead workers' addresses
+    and hang while connecting. The prefix keeps every attempt's keys apart.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and not agent_store, timeout=timeout)
+    return dist.PrefixStore(f"sfrs/attempt_{attempt}", store)
 
 
 def destroy_distributed() -> None:

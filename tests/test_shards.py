@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -281,3 +282,54 @@ def test_cli_synthetic_interrupted_then_resumed(synthetic_raw, synthetic_shards,
     # the manifest records the source root given on the command line; the fixture used the same
     assert got.keys() == ref.keys() and got == ref
     assert (out / INFO_DIR).is_dir()
+
+
+def test_cli_bad_raw_input(synthetic_raw, tmp_path):
+    """A corrupt JPEG fails naming it (or is skipped with --skip-bad); a missing one is named."""
+    import shutil
+
+    raw = tmp_path / "raw"
+    shutil.copytree(synthetic_raw, raw)
+    bad = sorted((raw / "pitts" / "queries_real").rglob("*.jpg"))[0]
+    bad.write_bytes(bad.read_bytes()[: 300])
+    cmd = [sys.executable, CLI, "--dataset", "synthetic", "--root", str(raw), "--shard-size", "64", "--no-progress"]
+    res = subprocess.run(cmd + ["--out", str(tmp_path / "a")], capture_output=True, text=True)
+    assert res.returncode == 2 and str(bad) in res.stderr, res.stderr
+    res = subprocess.run(cmd + ["--out", str(tmp_path / "b"), "--skip-bad", "--verify"], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+    m = Manifest.load(tmp_path / "b")
+    assert [s["file"] for s in m.skipped] == [str(bad.relative_to(raw / "pitts" / "queries_real"))]
+    assert m.skipped[0]["key"] not in m.index
+    missing = sorted((raw / "tokyo247" / "images").rglob("*.png"))[5]
+    missing.unlink()
+    res = subprocess.run(cmd + ["--out", str(tmp_path / "c"), "--skip-bad"], capture_output=True, text=True)
+    # named as in the .mat (Tokyo lists its PNG cutouts as .jpg), with the .mat file
+    assert res.returncode == 2 and missing.stem in res.stderr and "tokyo247.mat" in res.stderr, res.stderr
+
+
+class _ReaderDataset(torch.utils.data.Dataset):
+    def __init__(self, reader: ShardReader, keys):
+        self.reader, self.keys = reader, keys
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        return self.reader.get(self.keys[i], decode=False)[0]
+
+
+def test_reader_threads_and_processes(tmp_path, make_jpeg_split):
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = tmp_path / "s"
+    m = build_shards(_two_splits(make_jpeg_split), out, shard_size=3, progress=False)
+    keys = list(m.index)
+    reader = ShardReader(out, max_open=2)
+    ref = {k: reader.get(k, decode=False)[0] for k in keys}  # parent now holds open descriptors
+    with ThreadPoolExecutor(4) as ex:  # concurrent reads with constant LRU evictions
+        got = list(ex.map(lambda k: reader.get(k, decode=False)[0], keys * 4))
+    assert got == [ref[k] for k in keys * 4]
+    loader = torch.utils.data.DataLoader(_ReaderDataset(reader, keys), batch_size=None, num_workers=2)
+    assert list(loader) == [ref[k] for k in keys]
+    reader.close()

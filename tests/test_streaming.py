@@ -4,6 +4,7 @@ transforms."""
 from __future__ import annotations
 
 import os
+import pickle
 from collections import Counter
 from pathlib import Path
 
@@ -63,8 +64,10 @@ def _rank_worker(rank: int, world_size: int, shard_dir: str, init_file: str, out
 
 def test_exactly_once_two_ranks_two_workers(seven_shard_set, tmp_path):
     """2 ranks x 2 DataLoader workers, real processes and gloo, 7 + 2 shards."""
-    tmp_mp.spawn(_rank_worker, args=(2, str(seven_shard_set), str(tmp_path / "init"), str(tmp_path)),
-                 nprocs=2, join=True)
+    # forked rank processes (fast start on a loaded CI machine); spawn-started workers need the
+    # pipeline to pickle, checked in test_pipeline_pickles
+    tmp_mp.start_processes(_rank_worker, args=(2, str(seven_shard_set), str(tmp_path / "init"), str(tmp_path)),
+                           nprocs=2, join=True, start_method="fork")
     gathered = torch.load(tmp_path / "seen.pt")
     m = Manifest.load(seven_shard_set)
     all_keys = m.group_keys(GROUPS[0]) + m.group_keys(GROUPS[1])
@@ -77,6 +80,14 @@ def test_exactly_once_two_ranks_two_workers(seven_shard_set, tmp_path):
     with ShardReader(seven_shard_set) as r:
         for k, s in [x for per_rank in gathered for x in per_rank][::5]:
             assert s == pytest.approx(float(tf(r.get(k)[0]).double().sum()), rel=1e-9)
+
+
+def test_pipeline_pickles(seven_shard_set):
+    """Spawn/forkserver DataLoader workers receive the pipeline pickled."""
+    m = Manifest.load(seven_shard_set)
+    ds = make_pass_dataset(m, GROUPS, eval_transform(8, 8), 0, 1, shuffle_seed=1, sample_shuffle=4)
+    clone = pickle.loads(pickle.dumps(ds))
+    assert sorted(x["key"] for x in clone) == sorted(m.group_keys(GROUPS[0]) + m.group_keys(GROUPS[1]))
 
 
 @pytest.mark.parametrize("world_size,num_workers", [(1, 1), (2, 2), (3, 2), (5, 2)])

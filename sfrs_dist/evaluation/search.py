@@ -127,7 +127,7 @@ def _bf16_candidates(db: np.ndarray, queries: np.ndarray, kc: int, chunk: int,
 
 
 def _search_bf16(db: np.ndarray, queries: np.ndarray, k: int, margin: int, chunk: int,
-                 db_block: int = 16384, rescore_chunk: int = 256) -> Tuple[np.ndarray, np.ndarray]:
+                 db_block: int = 8192, rescore_chunk: int = 64) -> Tuple[np.ndarray, np.ndarray]:
     k_eff = min(k, db.shape[0])
     kc = min(k + margin, db.shape[0])
     with torch.no_grad():
@@ -159,8 +159,8 @@ def search_topk(db: np.ndarray, queries: np.ndarray, k: int, use_gpu: Union[str,
         bf16: bf16 candidate search with exact fp32 re-scoring (see the module docstring:
             identical to exact search except at near-ties) instead of faiss.
         chunk: queries per search call (exact path) or per bf16 matmul (bf16 path, which also
-            converts the database to bf16 in blocks of 16384 rows, so its extra memory is
-            about ``16384 * (D + chunk) * 2`` bytes).
+            converts the database to bf16 in blocks of 8192 rows, so its extra memory is
+            about ``8192 * (D + chunk) * 2`` bytes).
         margin: extra candidates kept by the bf16 path (default ``max(k, 32)``).
 
     Returns:

@@ -14,9 +14,12 @@ bf16 re-sort, self search), so results do not depend on the number of ranks.
 
 bf16 option: a candidate search in bfloat16 (torch matmul in blocks) keeps ``k + margin``
 candidates per query, then those candidates are re-scored exactly in float32 and re-sorted.
-The returned scores are always float32 inner products, and the ids equal those of the exact
-search except where bf16 rounding (about 4e-3 on scores in [0.5, 1)) reorders more than
-``margin`` items around the k-th: near-ties.
+The CPU bf16 matmul also rounds its *output* to bf16 (about 4e-3 near 0.9, wider than the
+gaps between neighbours in dense regions), so the kernel is run on two extra columns that
+make it return ``score - offset``, with offsets estimating each row's selection cut, and
+the offsets are added back in float32 (``_offset_scores``). The returned scores are always
+float32 inner products, and the ids equal those of the exact search except at near-ties
+(about 1e-4, the bf16 rounding of the inputs).
 
 ``self_topk`` answers the kNN graph of a set against itself (every item's neighbours
 among all items, itself included), which the k-reciprocal re-ranking needs over the union
@@ -179,8 +182,40 @@ def _block_rows(d: int) -> int:
     return int(max(64, min(_MAX_BLOCK_ROWS, _BF16_BLOCK_BYTES // (2 * d))))
 
 
-def _bf16(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(x).to(torch.bfloat16)
+_PAD = 16  # extra bf16 columns holding the two offset slots (rounded up for alignment)
+
+
+def _bf16_block(x: np.ndarray) -> torch.Tensor:
+    """bf16 copy of the rows of ``x`` with ``_PAD`` extra columns for offsets."""
+    out = torch.zeros((x.shape[0], x.shape[1] + _PAD), dtype=torch.bfloat16)
+    out[:, : x.shape[1]] = torch.from_numpy(x)
+    return out
+
+
+def _offset_scores(rows: torch.Tensor, a_rows: torch.Tensor, cols: torch.Tensor, a_cols: torch.Tensor,
+                   d: int) -> torch.Tensor:
+    """Approximate ``rows . cols`` (float32) from a bf16 matmul taken around offsets.
+
+    A bf16 matmul rounds its output to 8 significant bits: about 2e-3 to 4e-3 for scores
+    in [0.25, 1), coarser than the gaps between neighbours in dense regions. Two extra
+    columns make the kernel return ``s - a_r - a_c`` instead, which is small near the
+    selection cut when ``a`` estimates each row's cut score; the offsets (as stored in
+    bf16) are added back in float32, so the rounding is relative to ``|s - a_r - a_c|``.
+    """
+    rows[:, d] = (-a_rows).to(torch.bfloat16)
+    rows[:, d + 1] = 1
+    cols[:, d] = 1
+    cols[:, d + 1] = (-a_cols).to(torch.bfloat16)
+    v = (rows @ cols.T).float()
+    v -= rows[:, d].float()[:, None]
+    v -= cols[:, d + 1].float()[None, :]
+    return v
+
+
+def _cut_estimate(best_s: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """Current estimate of each row's selection cut (kk-th best so far), 0 where unknown."""
+    est = torch.maximum(best_s[:, -1], floor)
+    return torch.where(torch.isfinite(est), est, torch.zeros_like(est))
 
 
 def _merge_running(best_s: torch.Tensor, best_i: torch.Tensor, s: torch.Tensor, i: torch.Tensor,
@@ -192,19 +227,28 @@ def _merge_running(best_s: torch.Tensor, best_i: torch.Tensor, s: torch.Tensor, 
 
 
 def _bf16_candidates(local_db: np.ndarray, queries: np.ndarray, kk: int) -> np.ndarray:
-    """Local ids of the ``kk`` best bf16 scores of every query in ``local_db`` (-1 pads)."""
-    q_n, n = queries.shape[0], local_db.shape[0]
-    block = _block_rows(local_db.shape[1])
-    best_s = torch.full((q_n, kk), -float("inf"))
-    best_i = torch.full((q_n, kk), -1, dtype=torch.int64)
-    for c0 in range(0, n, block):
-        c1 = min(n, c0 + block)
-        db_b = _bf16(local_db[c0:c1])
-        for q0 in range(0, q_n, block):
-            q1 = min(q_n, q0 + block)
-            s = (_bf16(queries[q0:q1]) @ db_b.T).float()
-            ts, ti = torch.topk(s, min(kk, c1 - c0), dim=1)
-            best_s[q0:q1], best_i[q0:q1] = _merge_running(best_s[q0:q1], best_i[q0:q1], ts, ti + c0, kk)
+    """Local ids of the ``kk`` best bf16 scores of every query in ``local_db`` (-1 pads).
+
+    A first pass against the first database block estimates each query's cut score; the
+    full pass then computes every block around that (running) estimate.
+    """
+    q_n, (n, d) = queries.shape[0], local_db.shape
+    block = _block_rows(d)
+    floor = torch.full((q_n,), -float("inf"))
+    for phase in (0, 1):
+        best_s = torch.full((q_n, kk), -float("inf"))
+        best_i = torch.full((q_n, kk), -1, dtype=torch.int64)
+        for c0 in range(0, n if phase else min(n, block), block):
+            c1 = min(n, c0 + block)
+            db_b = _bf16_block(local_db[c0:c1])
+            zeros = torch.zeros(c1 - c0)
+            for q0 in range(0, q_n, block):
+                q1 = min(q_n, q0 + block)
+                a = _cut_estimate(best_s[q0:q1], floor[q0:q1]) if phase else torch.zeros(q1 - q0)
+                s = _offset_scores(_bf16_block(queries[q0:q1]), a, db_b, zeros, d)
+                ts, ti = torch.topk(s, min(kk, c1 - c0), dim=1)
+                best_s[q0:q1], best_i[q0:q1] = _merge_running(best_s[q0:q1], best_i[q0:q1], ts, ti + c0, kk)
+        floor = best_s[:, -1].clone()
     return best_i.numpy()
 
 
@@ -252,21 +296,35 @@ def _block_pairs(n: int, block: int) -> List[Tuple[int, int]]:
 
 
 def _self_bf16_candidates(feats: np.ndarray, kk: int, rank: int, world: int) -> Tuple[np.ndarray, np.ndarray]:
-    """bf16 candidate lists (scores, ids) of every row from this rank's share of block pairs."""
+    """bf16 candidate lists (scores, ids) of every row from this rank's share of block pairs.
+
+    Phase 1 (diagonal blocks, split across ranks, estimates all-gathered) estimates each
+    row's cut score; phase 2 computes the rank's block pairs around half of the running
+    estimate of each side (``s - a_r/2 - a_c/2`` is small for pairs near both cuts).
+    """
     n, d = feats.shape
     block = _block_rows(d)
-    pairs = _block_pairs(n, block)[rank::world]
+    nb = (n + block - 1) // block
+    floor = torch.full((n,), -float("inf"))
+    for bi in range(rank, nb, world):
+        r0, r1 = bi * block, min(n, (bi + 1) * block)
+        x = _bf16_block(feats[r0:r1])
+        s = _offset_scores(x, torch.zeros(r1 - r0), x.clone(), torch.zeros(r1 - r0), d)
+        floor[r0:r1] = torch.topk(s, min(kk, r1 - r0), dim=1).values[:, -1]
+    floor = torch.stack(all_gather_object(floor)).max(0).values
     best_s = torch.full((n, kk), -float("inf"))
     best_i = torch.full((n, kk), -1, dtype=torch.int64)
     cache_i: Optional[int] = None
     xi: Optional[torch.Tensor] = None
-    for bi, bj in pairs:
+    for bi, bj in _block_pairs(n, block)[rank::world]:
         r0, r1 = bi * block, min(n, (bi + 1) * block)
         c0, c1 = bj * block, min(n, (bj + 1) * block)
         if cache_i != bi:
-            xi, cache_i = _bf16(feats[r0:r1]), bi
-        xj = xi if bj == bi else _bf16(feats[c0:c1])
-        s = (xi @ xj.T).float()
+            xi, cache_i = _bf16_block(feats[r0:r1]), bi
+        xj = xi.clone() if bj == bi else _bf16_block(feats[c0:c1])
+        a_r = _cut_estimate(best_s[r0:r1], floor[r0:r1]) / 2
+        a_c = _cut_estimate(best_s[c0:c1], floor[c0:c1]) / 2
+        s = _offset_scores(xi, a_r, xj, a_c, d)
         ts, ti = torch.topk(s, min(kk, c1 - c0), dim=1)
         best_s[r0:r1], best_i[r0:r1] = _merge_running(best_s[r0:r1], best_i[r0:r1], ts, ti + c0, kk)
         if bj != bi:

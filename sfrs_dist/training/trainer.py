@@ -145,7 +145,7 @@ class Trainer:
             atomic_torch_save({"model": engine.module.state_dict(), "generation": gen, "config": cfg.to_dict()}, final)
         du.barrier()
         tables, pca_path = self._test(engine.module, gen)
-        self.history.setdefault(gen, {})["test"] = tables
+        self.history.setdefault(gen, {}).update(test=tables, steps=self.state.step)
         self.tracker.log_metrics(flat_metrics(tables), step=self.state.step)
         self.tracker.log_artifact(final, "checkpoints")
         if pca_path is not None:

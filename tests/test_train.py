@@ -1,0 +1,155 @@
+"""End-to-end training under torchrun: real processes, gloo, the tiny synthetic shards.
+
+One module-scoped 2-process DDP job through 2 generations is shared by several checks;
+DeepSpeed, kill-and-resume and a 2-node run are jobs of their own (1 generation each).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from sfrs_dist.training.checkpoint import latest_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs" / "tiny.yaml"
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def torchrun(args: List[str], nproc: int = 2, extra: List[str] = ()) -> List[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *extra, "--nproc_per_node", str(nproc),
+            str(REPO / "launch" / "train.py"), "--config", str(CONFIG), *args]
+
+
+def overrides(shards: Path, out: Path, *more: str) -> List[str]:
+    out_args = ["--set", f"data.shards={shards}", "--set", f"run.out_dir={out}"]
+    for m in more:
+        out_args += ["--set", m]
+    return out_args
+
+
+def run(cmd: List[str], log: Path, timeout: float = 400) -> subprocess.CompletedProcess:
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), timeout=timeout, cwd=REPO)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log.read_text()[-4000:]}")
+    return proc
+
+
+def final_state(out: Path) -> dict:
+    ck = torch.load(latest_checkpoint(out / "checkpoints"), map_location="cpu", weights_only=False)
+    return ck
+
+
+@pytest.fixture(scope="module")
+def ddp_job(synthetic_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    run(torchrun(overrides(synthetic_shards, out), extra=["--standalone"]), out.parent / "log")
+    return out
+
+
+def test_ddp_two_generations_tracked_in_mlflow(ddp_job):
+    client = MlflowClient(f"sqlite:///{ddp_job / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sfrs")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(r.data.tags["generation"] for r in children) == ["0", "1"]
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        m = child.data.metrics
+        for key in ("pitts30k_val/all/recall_1", "pitts30k_test/all/recall_5", "tokyo247_test/night/recall_1"):
+            assert 0.0 <= m[key] <= 100.0
+        assert m["loss_hard"] > 0 and m["mining_s"] >= 0
+        assert child.data.params["train.generations"] == "2"
+    gen1 = next(c for c in children if c.data.tags["generation"] == "1")
+    assert gen1.data.metrics["loss_soft"] > 0 and gen1.data.metrics["teacher_pass_s"] > 0
+    assert gen1.data.tags["teacher_checkpoint"] != "none"
+    ck = final_state(ddp_job)
+    assert ck["state"]["generation"] == 2
+    assert ck["state"]["total_steps"] == sum(ck["history"][g]["steps"] for g in (0, 1)) > 0
+
+
+def test_teacher_rerun_reuses_cache(ddp_job, tmp_path):
+    cache = ddp_job / "cache"
+    shards_before = {p: p.stat().st_mtime_ns for p in cache.glob("teacher_*rank*.npz")}
+    assert len(shards_before) == 2  # one shard per rank
+    shards_dir = final_state(ddp_job)["config"]["data"]["shards"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "launch" / "teacher.py"), "--config", str(CONFIG), "--generation", "1",
+           *overrides(Path(shards_dir), ddp_job)]
+    run(cmd, tmp_path / "log")
+    assert "teacher pass skipped" in (tmp_path / "log").read_text()
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("teacher_*rank*.npz")} == shards_before
+
+
+def test_deepspeed_one_generation_same_steps(ddp_job, synthetic_shards, tmp_path):
+    out = tmp_path / "run"
+    run(torchrun(overrides(synthetic_shards, out, "train.engine=deepspeed", "train.generations=1"),
+                 extra=["--standalone"]), tmp_path / "log")
+    ck = final_state(out)
+    assert ck["state"]["generation"] == 1
+    assert ck["history"][0]["steps"] == final_state(ddp_job)["history"][0]["steps"]
+    assert "pitts30k_test" in ck["history"][0]["test"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_killed_worker_restarts_and_finishes_with_same_steps(ddp_job, synthetic_shards, tmp_path):
+    import psutil
+
+    out = tmp_path / "run"
+    cmd = torchrun(overrides(synthetic_shards, out, "train.generations=1"),
+                   extra=["--standalone", "--max-restarts", "1"])
+    log = open(tmp_path / "log", "w")
+    agent = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
+    target = out / "checkpoints" / "ckpt_g00_e000_s0001.pt"
+    deadline = time.time() + 300
+    while not target.exists() and agent.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert target.exists(), (tmp_path / "log").read_text()[-3000:]
+    workers = [p for p in psutil.Process(agent.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    assert agent.wait(timeout=400) == 0, (tmp_path / "log").read_text()[-4000:]
+    text = (tmp_path / "log").read_text()
+    assert "resuming from" in text
+    ck = final_state(out)
+    assert ck["state"]["generation"] == 1
+    assert ck["history"][0]["steps"] == final_state(ddp_job)["history"][0]["steps"]
+
+
+def test_two_agents_two_nodes(ddp_job, synthetic_shards, tmp_path):
+    out = tmp_path / "run"
+    port = _free_port()
+    agents = []
+    for node in range(2):
+        cmd = torchrun(overrides(synthetic_shards, out, "train.generations=1"), nproc=1,
+                       extra=["--nnodes", "2", "--node_rank", str(node), "--rdzv_backend", "c10d",
+                              "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "sfrs-test"])
+        log = open(tmp_path / f"log{node}", "w")
+        agents.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO))
+    codes = [a.wait(timeout=400) for a in agents]
+    assert codes == [0, 0], (tmp_path / "log0").read_text()[-3000:] + (tmp_path / "log1").read_text()[-3000:]
+    ck = final_state(out)
+    assert ck["history"][0]["steps"] == final_state(ddp_job)["history"][0]["steps"]
