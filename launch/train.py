@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from sfrs_dist import distributed as du
 from sfrs_dist.config import ConfigError, load_config
 from sfrs_dist.logging_utils import setup_logging
+from sfrs_dist.tracking import default_tracking_uri
+from sfrs_dist.training.report import generation_table
 from sfrs_dist.training.trainer import Trainer
 
 log = logging.getLogger("train")
@@ -31,7 +34,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     log.info("command: %s", " ".join(sys.argv))
     log.info("world size %d, backend %s, device %s", info.world_size, info.backend, info.device)
     try:
-        Trainer(cfg, info.device).run()
+        history = Trainer(cfg, info.device).run()
+        if du.is_main_process():
+            print("\nRecall@N on the test sets, per generation (generation 0 = SARE baseline):")
+            print(generation_table(history, [n for n in cfg.eval.recall_ns if n <= 10]))
+            uri = cfg.tracking.uri or default_tracking_uri(Path(cfg.run.out_dir))
+            print(f"\nCompare generations in MLflow:  mlflow ui --backend-store-uri {uri}  "
+                  "(then open http://127.0.0.1:5000)")
     finally:
         du.destroy_distributed()
     return 0

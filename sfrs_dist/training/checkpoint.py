@@ -77,6 +77,24 @@ def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
     return best[1] if best else None
 
 
+def prune_subset_checkpoints(ckpt_dir: Path, newest: Path) -> None:
+    """Delete the mid-epoch checkpoints that ``newest`` supersedes (same generation and epoch).
+
+    Epoch-boundary checkpoints (subset 0) are kept: they are the per-epoch checkpoints users
+    evaluate.
+    """
+    m = _NAME.match(Path(newest).name)
+    if not m:
+        return
+    g, e, s = (int(x) for x in m.groups())
+    for p in Path(ckpt_dir).iterdir():
+        o = _NAME.match(p.name)
+        if o:
+            og, oe, os_ = (int(x) for x in o.groups())
+            if (og, oe) == (g, e) and 0 < os_ < s:
+                p.unlink(missing_ok=True)
+
+
 def resolve_resume(resume: str, ckpt_dir: Path) -> Optional[Path]:
     """Decide on rank 0 which checkpoint to resume from and broadcast it to every rank."""
     path: Optional[str] = None

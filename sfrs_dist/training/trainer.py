@@ -28,7 +28,14 @@ from ..losses import sfrs_hard_loss, sfrs_soft_loss, tuple_loss
 from ..mining import NegativeCache, make_negative_sampler, mine_subset
 from ..teacher import run_teacher_pass
 from ..tracking import Tracker, build_tracker, git_commit
-from .checkpoint import TrainState, atomic_torch_save, checkpoint_name, load_checkpoint, resolve_resume
+from .checkpoint import (
+    TrainState,
+    atomic_torch_save,
+    checkpoint_name,
+    load_checkpoint,
+    prune_subset_checkpoints,
+    resolve_resume,
+)
 from .engine import build_engine, lr_at
 from .model_init import build_student
 from .passes import eval_mode, extract_group
@@ -305,6 +312,8 @@ class Trainer:
                            negatives=neg_cache.state_dict())
         # the tracker's run ids live on rank 0; it is also the only writer
         if du.is_main_process():
-            atomic_torch_save(payload, self.ckpt_dir / checkpoint_name(st.generation, st.epoch, st.subset))
+            path = self.ckpt_dir / checkpoint_name(st.generation, st.epoch, st.subset)
+            atomic_torch_save(payload, path)
+            prune_subset_checkpoints(self.ckpt_dir, path)
         du.barrier()
 

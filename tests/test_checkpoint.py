@@ -1,0 +1,43 @@
+"""Checkpoint naming, latest resolution, pruning and atomic writes."""
+
+import torch
+
+from sfrs_dist.training.checkpoint import (
+    atomic_torch_save,
+    checkpoint_name,
+    latest_checkpoint,
+    prune_subset_checkpoints,
+    resolve_resume,
+)
+from sfrs_dist.training.engine import lr_at
+
+
+def test_latest_and_pruning(tmp_path):
+    order = [(0, 0, 1), (0, 0, 2), (0, 1, 0), (0, 1, 1), (0, 1, 2), (1, 0, 0), (1, 0, 3)]
+    for g, e, s in order:
+        path = tmp_path / checkpoint_name(g, e, s)
+        atomic_torch_save({"pos": (g, e, s)}, path)
+        prune_subset_checkpoints(tmp_path, path)
+        assert latest_checkpoint(tmp_path) == path
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [checkpoint_name(0, 0, 2), checkpoint_name(0, 1, 0), checkpoint_name(0, 1, 2),
+                    checkpoint_name(1, 0, 0), checkpoint_name(1, 0, 3)]
+    assert torch.load(latest_checkpoint(tmp_path), weights_only=False)["pos"] == (1, 0, 3)
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_resolve_resume(tmp_path):
+    assert resolve_resume("auto", tmp_path) is None
+    assert resolve_resume("none", tmp_path) is None
+    atomic_torch_save({}, tmp_path / checkpoint_name(2, 0, 0))
+    assert resolve_resume("auto", tmp_path) == tmp_path / checkpoint_name(2, 0, 0)
+    try:
+        resolve_resume(str(tmp_path / "missing.pt"), tmp_path)
+    except FileNotFoundError as exc:
+        assert "missing.pt" in str(exc)
+    else:
+        raise AssertionError("a missing checkpoint must raise")
+
+
+def test_step_decay():
+    assert [lr_at(e, 0.001, 5, 0.5) for e in (0, 4, 5, 9, 10)] == [0.001, 0.001, 0.0005, 0.0005, 0.00025]
