@@ -20,13 +20,14 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from sfrs_dist.config import load_config  # noqa: E402
 from sfrs_dist.data.manifest import Manifest  # noqa: E402
-from sfrs_dist.data.transforms import test_transform  # noqa: E402
+from sfrs_dist.data.transforms import eval_transform  # noqa: E402
 from sfrs_dist.teacher import load_network, run_teacher_pass  # noqa: E402
 from sfrs_dist.training.trainer import TrainSplit  # noqa: E402
 
@@ -71,7 +72,7 @@ def main() -> None:
     # time those per-step forwards on the same network (one epoch's worth, extrapolated)
     net = load_network(cfg, teacher_ckpt, device)
     h, w = cfg.data.image_size
-    x = test_transform(h, w)(__import__("PIL.Image", fromlist=["Image"]).new("RGB", (w, h))).unsqueeze(0)
+    x = eval_transform(h, w)(Image.new("RGB", (w, h))).unsqueeze(0)
     batch = x.repeat(per_tuple, 1, 1, 1)
     t0 = time.time()
     with torch.no_grad():

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from sfrs_dist import distributed as du
-from sfrs_dist.config import ConfigError, load_config
+from sfrs_dist.config import load_config_for_launch
 from sfrs_dist.data.manifest import Manifest
 from sfrs_dist.evaluation.checkpoints import load_for_eval
 from sfrs_dist.evaluation.pca import PCAWhitening
@@ -49,10 +49,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default=None, help="JSON file for the results (default: <run.out_dir>/eval.json)")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args(argv)
+    cfg = load_config_for_launch(args.config, args.overrides)
+    if cfg is None:
+        return 2
     try:
-        cfg = load_config(args.config, args.overrides)
         ckpts = expand(args.checkpoint)
-    except (ConfigError, FileNotFoundError) as exc:
+    except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     info = du.init_distributed(timeout_s=cfg.run.dist_timeout_s)

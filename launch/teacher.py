@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from sfrs_dist import distributed as du
-from sfrs_dist.config import ConfigError, load_config
+from sfrs_dist.config import load_config_for_launch
 from sfrs_dist.data.manifest import Manifest
 from sfrs_dist.logging_utils import setup_logging
 from sfrs_dist.teacher import run_teacher_pass
@@ -31,10 +31,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--teacher", default=None, help="teacher checkpoint (default: previous generation's final)")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    cfg = load_config_for_launch(args.config, args.overrides)  # validated before any work
+    if cfg is None:
         return 2
     if args.generation < 1:
         print("--generation must be >= 1 (generation 0 has no teacher)", file=sys.stderr)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from sfrs_dist import distributed as du
-from sfrs_dist.config import ConfigError, load_config
+from sfrs_dist.config import load_config_for_launch
 from sfrs_dist.logging_utils import setup_logging
 from sfrs_dist.tracking import default_tracking_uri
 from sfrs_dist.training.report import generation_table
@@ -24,10 +24,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable)")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)  # validated before any process group or work
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    cfg = load_config_for_launch(args.config, args.overrides)  # validated before any work
+    if cfg is None:
         return 2
     info = du.init_distributed(timeout_s=cfg.run.dist_timeout_s)
     setup_logging()

@@ -340,3 +340,18 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
     os.replace(tmp, path)
+
+
+def load_config_for_launch(path: Optional[str | Path], overrides: Sequence[str] = ()) -> Optional[Config]:
+    """``load_config`` for launch scripts: on error, one message (from rank 0 only) and None.
+
+    Runs before any process group exists, so every rank stops before any work.
+    """
+    try:
+        return load_config(path, overrides)
+    except ConfigError as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            import sys
+
+            print(f"config error: {exc}", file=sys.stderr)
+        return None

@@ -101,9 +101,13 @@ def test_teacher_rerun_reuses_cache(ddp_job, tmp_path):
 
 def test_deepspeed_one_generation_same_steps(ddp_job, synthetic_shards, tmp_path):
     out = tmp_path / "run"
-    run(torchrun(overrides(synthetic_shards, out, "train.engine=deepspeed", "train.generations=1"),
-                 extra=["--standalone"]), tmp_path / "log")
+    run(torchrun(overrides(synthetic_shards, out, "train.engine=deepspeed", "train.zero_stage=1",
+                           "train.generations=1"), extra=["--standalone"]), tmp_path / "log")
     ck = final_state(out)
+    # ZeRO-1 partitions the optimiser: each rank saved its own shard beside every checkpoint
+    epoch_end = out / "checkpoints" / "ckpt_g00_e001_s0000.pt"
+    assert sorted(p.name for p in epoch_end.parent.glob(epoch_end.stem + ".optim_rank*.pt")) == [
+        f"{epoch_end.stem}.optim_rank000.pt", f"{epoch_end.stem}.optim_rank001.pt"]
     assert ck["state"]["generation"] == 1
     assert ck["history"][0]["steps"] == final_state(ddp_job)["history"][0]["steps"]
     assert "pitts30k_test" in ck["history"][0]["test"]
@@ -153,3 +157,14 @@ def test_two_agents_two_nodes(ddp_job, synthetic_shards, tmp_path):
     assert codes == [0, 0], (tmp_path / "log0").read_text()[-3000:] + (tmp_path / "log1").read_text()[-3000:]
     ck = final_state(out)
     assert ck["history"][0]["steps"] == final_state(ddp_job)["history"][0]["steps"]
+
+
+def test_bad_config_stops_every_rank_with_one_message(tmp_path):
+    out = tmp_path / "run"
+    cmd = torchrun(["--set", "train.engine=horovod", "--set", f"run.out_dir={out}"], extra=["--standalone"])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120, cwd=REPO)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert text.count("config error:") == 1
+    assert "train.engine must be ddp or deepspeed, got 'horovod'" in text
+    assert not out.exists()  # no work started

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -12,9 +13,11 @@ from .. import distributed as du
 from ..config import DataConfig
 from ..data.datasets import panorama_ids
 from ..data.manifest import Manifest
+from ..data.random_access import ShardReader
 from ..training.passes import extract_group, transform_kind
 from .pca import PCAWhitening
 from .recall import evaluate_retrieval
+from .visualize import visualize_queries
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +54,14 @@ def recall_of_split(db: np.ndarray, q: np.ndarray, manifest: Manifest, sid: str,
 
 def evaluate_splits(fn: Callable[[torch.Tensor], torch.Tensor], dim: int, manifest: Manifest,
                     sids: Sequence[str], data: DataConfig, device: torch.device, ns: Sequence[int],
-                    pca: Optional[PCAWhitening] = None, bf16: bool = False) -> Dict[str, Table]:
-    """Recall tables of several splits; extraction on all ranks, search on rank 0, result on all."""
+                    pca: Optional[PCAWhitening] = None, bf16: bool = False,
+                    on_descriptors: Optional[Callable[[str, np.ndarray, np.ndarray], None]] = None,
+                    ) -> Dict[str, Table]:
+    """Recall tables of several splits; extraction on all ranks, search on rank 0, result on all.
+
+    ``on_descriptors(sid, db, queries)`` is called on rank 0 with each split's final
+    descriptors (after PCA), e.g. to draw retrievals.
+    """
     out: Dict[str, Tuple[Table, Dict[str, int]]] = {}
     for sid in sids:
         db, q = split_descriptors(fn, dim, manifest, sid, data, device, bf16)
@@ -60,7 +69,21 @@ def evaluate_splits(fn: Callable[[torch.Tensor], torch.Tensor], dim: int, manife
             if pca is not None:
                 db, q = pca.transform(db), pca.transform(q)
             out[sid] = recall_of_split(db, q, manifest, sid, ns, bf16)
+            if on_descriptors is not None:
+                on_descriptors(sid, db, q)
     return du.broadcast_object(out)
+
+
+def render_examples(manifest: Manifest, sid: str, db: np.ndarray, q: np.ndarray, out_dir: Path,
+                    num_queries: int = 3, k: int = 5) -> List[str]:
+    """Retrieval strips (top-k framed green/red by ground truth) for a few evenly spread queries."""
+    split = manifest.split_data(sid)
+    picks = np.linspace(0, len(split.queries) - 1, num=min(num_queries, len(split.queries))).astype(int)
+    with ShardReader(manifest.root, manifest) as reader:
+        return visualize_queries(
+            picks, q, db, split.utm_q, split.utm_db, [r.key for r in split.queries], [r.key for r in split.database],
+            lambda keys: {key: reader.get(key)[0] for key in keys}, str(out_dir), k=k, radius=split.pos_dist_thr,
+        )
 
 
 def flat_metrics(tables: Dict[str, Tuple[Table, Dict[str, int]]], ns: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:

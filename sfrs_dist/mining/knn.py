@@ -42,9 +42,9 @@ from sfrs_dist.distributed import all_gather_object, get_local_rank, get_rank, g
 log = logging.getLogger(__name__)
 
 DEFAULT_MARGIN = 8
-_BF16_BLOCK_BYTES = 256 << 20
+_BF16_BLOCK_BYTES = 128 << 20
 _MAX_BLOCK_ROWS = 8192
-_GATHER_CHUNK_BYTES = 256 << 20
+_GATHER_CHUNK_BYTES = 64 << 20
 
 
 def shard_range(n: int, rank: int, world_size: int) -> Tuple[int, int]:

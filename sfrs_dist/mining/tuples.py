@@ -31,7 +31,7 @@ NegPoolFn = Callable[[int, np.random.Generator, int], np.ndarray]
 """``fn(query, rng, size)`` -> up to ``size`` distinct true-negative database ids of ``query``."""
 
 _DENSE_BLOCK_FACTOR = 30
-_COLUMN_CHUNK = 2048
+_COLUMN_CHUNK_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -188,11 +188,12 @@ def candidate_scores(feats: np.ndarray, q_rows: np.ndarray, cand_rows: List[np.n
     out = np.empty(len(flat), dtype=np.float32)
     if len(q_rows) * len(uniq) <= _DENSE_BLOCK_FACTOR * len(flat):
         xq = np.ascontiguousarray(feats[q_rows], dtype=np.float32)
+        chunk = max(64, _COLUMN_CHUNK_BYTES // (4 * feats.shape[1]))
         col = np.searchsorted(uniq, flat)
         by_col = np.argsort(col, kind="stable")
-        bounds = np.searchsorted(col[by_col], np.arange(0, len(uniq) + _COLUMN_CHUNK, _COLUMN_CHUNK))
-        for ci, c0 in enumerate(range(0, len(uniq), _COLUMN_CHUNK)):
-            block = xq @ np.ascontiguousarray(feats[uniq[c0:c0 + _COLUMN_CHUNK]], dtype=np.float32).T
+        bounds = np.searchsorted(col[by_col], np.arange(0, len(uniq) + chunk, chunk))
+        for ci, c0 in enumerate(range(0, len(uniq), chunk)):
+            block = xq @ np.ascontiguousarray(feats[uniq[c0:c0 + chunk]], dtype=np.float32).T
             sel = by_col[bounds[ci]:bounds[ci + 1]]
             out[sel] = block[owner[sel], col[sel] - c0]
     else:

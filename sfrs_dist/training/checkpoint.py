@@ -77,6 +77,12 @@ def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
     return best[1] if best else None
 
 
+def optimizer_shard_path(checkpoint: Path, rank: int) -> Path:
+    """Side file holding one rank's optimiser partition (DeepSpeed ZeRO >= 1)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(f"{checkpoint.stem}.optim_rank{rank:03d}.pt")
+
+
 def prune_subset_checkpoints(ckpt_dir: Path, newest: Path) -> None:
     """Delete the mid-epoch checkpoints that ``newest`` supersedes (same generation and epoch).
 
@@ -92,6 +98,8 @@ def prune_subset_checkpoints(ckpt_dir: Path, newest: Path) -> None:
         if o:
             og, oe, os_ = (int(x) for x in o.groups())
             if (og, oe) == (g, e) and 0 < os_ < s:
+                for side in p.parent.glob(f"{p.stem}.optim_rank*.pt"):
+                    side.unlink(missing_ok=True)
                 p.unlink(missing_ok=True)
 
 

@@ -45,6 +45,7 @@ class DDPEngine:
     """``DistributedDataParallel`` when a process group is up, the bare module otherwise."""
 
     name = "ddp"
+    sharded_optimizer = False
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
                  precision: str = "fp32") -> None:
@@ -107,6 +108,7 @@ class DeepSpeedEngine:
             model=module.to(device), optimizer=optimizer, config=config
         )
         self.module = self.model.module
+        self.sharded_optimizer = zero_stage > 0
 
     def forward(self, images: torch.Tensor, **kwargs) -> torch.Tensor:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)

@@ -23,7 +23,7 @@ from .. import distributed as du
 from ..config import Config, save_config
 from ..data.manifest import Manifest
 from ..evaluation.pca import PCAWhitening
-from ..evaluation.runner import evaluate_splits, flat_metrics
+from ..evaluation.runner import evaluate_splits, flat_metrics, render_examples
 from ..losses import sfrs_hard_loss, sfrs_soft_loss, tuple_loss
 from ..mining import NegativeCache, make_negative_sampler, mine_subset
 from ..teacher import run_teacher_pass
@@ -33,6 +33,7 @@ from .checkpoint import (
     atomic_torch_save,
     checkpoint_name,
     load_checkpoint,
+    optimizer_shard_path,
     prune_subset_checkpoints,
     resolve_resume,
 )
@@ -88,13 +89,14 @@ class Trainer:
         self.neg_sampler = make_negative_sampler(len(self.train.db_keys), self.train.potential)
         self.tracker: Tracker = build_tracker(self.rank, cfg.tracking.uri, cfg.tracking.experiment, self.run_dir)
         self.history: Dict[int, Dict] = {}
+        self.resume_path: Optional[Path] = None
 
     # ------------------------------------------------------------------ job
     def run(self) -> Dict[int, Dict]:
         cfg = self.cfg
         if du.is_main_process():
             save_config(cfg, self.run_dir / "config.yaml")
-        resume = resolve_resume(cfg.run.resume, self.ckpt_dir)
+        resume = self.resume_path = resolve_resume(cfg.run.resume, self.ckpt_dir)
         ckpt = load_checkpoint(resume) if resume else None
         if ckpt:
             self.state.load_state_dict(ckpt["state"])
@@ -131,7 +133,11 @@ class Trainer:
         neg_cache = NegativeCache(len(self.train.q_keys), cfg.mining.num_negatives)
         if ckpt is not None and "model" in ckpt:
             engine.module.load_state_dict(ckpt["model"])
-            engine.load_optimizer_state(ckpt["optimizer"])
+            if engine.sharded_optimizer:
+                shard = optimizer_shard_path(self.resume_path, du.get_rank())
+                engine.load_optimizer_state(load_checkpoint(shard))
+            else:
+                engine.load_optimizer_state(ckpt["optimizer"])
             neg_cache = NegativeCache.from_state_dict(ckpt["negatives"])
         self.tracker.start_generation(gen, cfg.flat(), {"teacher_checkpoint": teacher_key or "none",
                                                         "git_commit": git_commit()})
@@ -154,13 +160,29 @@ class Trainer:
         tables, pca_path = self._test(engine.module, gen)
         self.history.setdefault(gen, {}).update(test=tables, steps=self.state.step)
         self.tracker.log_metrics(flat_metrics(tables), step=self.state.step)
-        self.tracker.log_artifact(final, "checkpoints")
+        self.tracker.log_artifact(self.best_path(gen), "checkpoints")
         if pca_path is not None:
             self.tracker.log_artifact(pca_path, "pca")
         self.tracker.end_generation()
         self.state.generation = gen + 1
         self.state.epoch = self.state.subset = self.state.step = self.state.epoch_step = 0
         self._save(None, None)
+
+    def _keep_best(self, engine, gen: int, val: Dict) -> None:
+        """Save the generation's best network by validation Recall@5 (the reference's choice)."""
+        sid = self.cfg.data.val_set
+        if not val or sid not in val:
+            return
+        r5 = val[sid][0]["all"].get(5, val[sid][0]["all"].get(min(val[sid][0]["all"])))
+        best = self.history[gen].get("best_val_r5", -1.0)
+        if r5 > best:
+            self.history[gen]["best_val_r5"] = r5
+            if du.is_main_process():
+                atomic_torch_save({"model": engine.module.state_dict(), "generation": gen,
+                                   "val_recall5": r5, "config": self.cfg.to_dict()}, self.best_path(gen))
+
+    def best_path(self, gen: int) -> Path:
+        return self.ckpt_dir / f"generation{gen:02d}_best.pt"
 
     def final_path(self, gen: int) -> Path:
         return self.ckpt_dir / f"generation{gen:02d}_final.pt"
@@ -187,6 +209,7 @@ class Trainer:
                                       cfg.data, self.device, cfg.eval.recall_ns, bf16=cfg.eval.bf16)
             self.tracker.log_metrics({**flat_metrics(val), "epoch": epoch}, step=self.state.step)
         self.history.setdefault(gen, {}).setdefault("epochs", []).append({"epoch": epoch, "val": val})
+        self._keep_best(engine, gen, val)
         r = val.get(cfg.data.val_set, ({}, {}))[0].get("all", {}) if val else {}
         log.info("generation %d epoch %d: %d steps, loss %.4f, %.1f s%s", gen, epoch, len(losses),
                  float(np.mean(losses)) if losses else float("nan"), time.time() - t_epoch,
@@ -291,12 +314,20 @@ class Trainer:
                 db = extract_group(net, net.output_dim, self.manifest, self.train.sid, "db",
                                    image_size=cfg.data.image_size, batch_size=cfg.data.extract_batch_size,
                                    num_workers=cfg.data.num_workers, device=self.device, bf16=cfg.eval.bf16)
-                pca = PCAWhitening(cfg.eval.pca_dim).fit(db, max_samples=cfg.eval.pca_samples, seed=cfg.train.seed)
                 pca_path = self.ckpt_dir / f"generation{gen:02d}_pca.h5"
-                if du.is_main_process():
+                if du.is_main_process():  # only rank 0 searches, so only rank 0 needs the PCA
+                    pca = PCAWhitening(cfg.eval.pca_dim).fit(db, max_samples=cfg.eval.pca_samples,
+                                                             seed=cfg.train.seed)
                     pca.save(str(pca_path))
+            examples_dir = self.run_dir / "examples" / f"generation{gen:02d}"
+
+            def draw(sid, db, q):
+                if sid == sids[0]:
+                    for png in render_examples(self.manifest, sid, db, q, examples_dir):
+                        self.tracker.log_artifact(Path(png), "retrievals")
+
             tables = evaluate_splits(net, net.output_dim, self.manifest, sids, cfg.data, self.device,
-                                     cfg.eval.recall_ns, pca=pca, bf16=cfg.eval.bf16)
+                                     cfg.eval.recall_ns, pca=pca, bf16=cfg.eval.bf16, on_descriptors=draw)
         return tables, pca_path
 
     def _save(self, engine, neg_cache) -> None:
@@ -307,12 +338,16 @@ class Trainer:
             "history": self.history,
             "config": self.cfg.to_dict(),
         }
+        path = self.ckpt_dir / checkpoint_name(st.generation, st.epoch, st.subset)
         if engine is not None:
-            payload.update(model=engine.module.state_dict(), optimizer=engine.optimizer_state(),
-                           negatives=neg_cache.state_dict())
-        # the tracker's run ids live on rank 0; it is also the only writer
+            payload.update(model=engine.module.state_dict(), negatives=neg_cache.state_dict())
+            if engine.sharded_optimizer:  # ZeRO partitions: every rank writes its own shard first
+                atomic_torch_save(engine.optimizer_state(), optimizer_shard_path(path, du.get_rank()))
+                du.barrier()
+            else:
+                payload["optimizer"] = engine.optimizer_state()
+        # the tracker's run ids live on rank 0; it is also the only writer of the main file
         if du.is_main_process():
-            path = self.ckpt_dir / checkpoint_name(st.generation, st.epoch, st.subset)
             atomic_torch_save(payload, path)
             prune_subset_checkpoints(self.ckpt_dir, path)
         du.barrier()
