@@ -32,9 +32,9 @@ def load_network(cfg: Config, path: Path, device: torch.device) -> SFRSNet:
     if not Path(path).is_file():
         raise FileNotFoundError(f"teacher checkpoint not found: {path}")
     m = cfg.model
-    net = build_model(m.backbone, weights=None, num_clusters=m.num_clusters, trainable="none", layer=m.layer)
+    net = build_model(m.backbone, weights=None, num_clusters=m.num_clusters, trainable=m.trainable, layer=m.layer)
     net.load_state_dict(load_checkpoint(path)["model"])
-    return net.to(device).eval()
+    return net.requires_grad_(False).to(device).eval()
 
 
 def cache_key(teacher_ckpt: Path, manifest: Manifest, image_size) -> str:

@@ -20,11 +20,11 @@ def load_for_eval(cfg: Config, path: Path, device: torch.device) -> SFRSNet:
     raw = load_checkpoint(path)
     if isinstance(raw, dict) and "model" in raw and isinstance(raw["model"], dict):
         m = cfg.model
-        net = build_model(m.backbone, weights=None, num_clusters=m.num_clusters, trainable="none", layer=m.layer)
+        net = build_model(m.backbone, weights=None, num_clusters=m.num_clusters, trainable=m.trainable, layer=m.layer)
         try:
             net.load_state_dict(raw["model"])
         except RuntimeError as exc:
             raise ValueError(f"checkpoint {path} does not match model config {m}: {exc}") from None
     else:
         net = build_model_from_openibl(str(path), trainable="none")
-    return net.to(device).eval()
+    return net.requires_grad_(False).to(device).eval()

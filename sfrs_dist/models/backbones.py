@@ -138,8 +138,8 @@ def _smallcnn(weights: Optional[str], layer: Optional[str]) -> Tuple[nn.Sequenti
     layers: List[nn.Module] = []
     in_ch = 3
     for i, w in enumerate(widths):
-        layers.append(nn.Conv2d(in_ch, w, 3, stride=2, padding=1))
-        layers.append(nn.ReLU(inplace=True))
+        # batch norm keeps training from scratch stable at the NetVLAD input scale (0-255)
+        layers += [nn.Conv2d(in_ch, w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
         in_ch = w
         if i == len(widths) - 1:
             layers.append(nn.Conv2d(in_ch, SMALLCNN_CHANNELS, 3, padding=1))

@@ -1,0 +1,67 @@
+#!/bin/bash
+# SFRS training under Slurm: one torchrun agent per node, c10d rendezvous on the first node.
+#
+#   sbatch launch/slurm_train.sh CONFIG [--set section.key=value ...]
+#   sbatch --nodes 4 --gpus-per-node 8 launch/slurm_train.sh configs/pitts30k_sfrs.yaml \
+#       --set run.out_dir=/shared/runs/pitts30k_sfrs --set data.shards=/shared/shards/pitts30k
+#
+# Submit from the repository root (or set SFRS_REPO). The run directory and the shards must be
+# on a filesystem every node sees. Environment knobs:
+#   GPUS          processes per node (default: $SLURM_GPUS_ON_NODE, else 1 on CPU nodes)
+#   RDZV_PORT     rendezvous port on the first node (default 29500)
+#   MAX_RESTARTS  torchrun --max-restarts: times a failed worker group is restarted (default 3);
+#                 restarted workers resume from the newest checkpoint (run.resume=auto)
+#   SFRS_PYTHON   interpreter (default: <repo>/.venv/bin/python, made by `source launch/env.sh`)
+#
+#SBATCH --job-name=sfrs
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=4
+#SBATCH --cpus-per-task=32
+#SBATCH --time=48:00:00
+#SBATCH --output=slurm-%x-%j.out
+
+set -euo pipefail
+
+if [ $# -lt 1 ]; then
+    echo "usage: sbatch launch/slurm_train.sh CONFIG [--set section.key=value ...]" >&2
+    exit 2
+fi
+CONFIG=$1
+shift
+
+REPO=${SFRS_REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}
+PYTHON=${SFRS_PYTHON:-$REPO/.venv/bin/python}
+if [ ! -x "$PYTHON" ]; then
+    echo "no Python interpreter at $PYTHON: run 'source launch/env.sh' once on the login node, or set SFRS_PYTHON" >&2
+    exit 2
+fi
+if [ ! -f "$REPO/launch/train.py" ]; then
+    echo "$REPO is not the sfrs_dist repository: submit from its root or set SFRS_REPO" >&2
+    exit 2
+fi
+
+GPUS=${GPUS:-${SLURM_GPUS_ON_NODE:-1}}
+RDZV_PORT=${RDZV_PORT:-29500}
+MAX_RESTARTS=${MAX_RESTARTS:-3}
+mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+if [ "${#NODES[@]}" -eq 0 ]; then
+    echo "scontrol show hostnames '$SLURM_JOB_NODELIST' returned no host" >&2
+    exit 2
+fi
+HEAD=${NODES[0]}
+
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-8}}
+export PYTHONUNBUFFERED=1
+cd "$REPO"
+echo "sfrs: $SLURM_NNODES node(s) x $GPUS process(es), rendezvous $HEAD:$RDZV_PORT, config $CONFIG" >&2
+
+srun --nodes "$SLURM_NNODES" --ntasks-per-node 1 --kill-on-bad-exit=1 \
+    "$PYTHON" -m torch.distributed.run \
+    --nnodes "$SLURM_NNODES" \
+    --nproc_per_node "$GPUS" \
+    --rdzv_backend c10d \
+    --rdzv_endpoint "$HEAD:$RDZV_PORT" \
+    --rdzv_id "sfrs-$SLURM_JOB_ID" \
+    --max-restarts "$MAX_RESTARTS" \
+    "$REPO/launch/train.py" --config "$CONFIG" "$@"
