@@ -97,6 +97,7 @@ class DeepSpeedEngine:
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": 1,
             "zero_optimization": {"stage": zero_stage},
+            "zero_allow_untested_optimizer": True,  # torch SGD: ZeRO partitions its state like any other
             "bf16": {"enabled": precision == "bf16"},
             "fp16": {"enabled": precision == "fp16"},
             "steps_per_print": 10 ** 9,
