@@ -12,6 +12,7 @@
 #   MAX_RESTARTS  torchrun --max-restarts: times a failed worker group is restarted (default 3);
 #                 restarted workers resume from the newest checkpoint (run.resume=auto)
 #   SFRS_PYTHON   interpreter (default: <repo>/.venv/bin/python, made by `source launch/env.sh`)
+#   OMP_NUM_THREADS  threads per process (default: the task's CPUs divided by GPUS)
 #
 #SBATCH --job-name=sfrs
 #SBATCH --nodes=2
@@ -51,7 +52,8 @@ if [ "${#NODES[@]}" -eq 0 ]; then
 fi
 HEAD=${NODES[0]}
 
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-8}}
+CPUS=${SLURM_CPUS_PER_TASK:-$(nproc)}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CPUS / GPUS > 0 ? CPUS / GPUS : 1 ))}
 export PYTHONUNBUFFERED=1
 cd "$REPO"
 echo "sfrs: $SLURM_NNODES node(s) x $GPUS process(es), rendezvous $HEAD:$RDZV_PORT, config $CONFIG" >&2

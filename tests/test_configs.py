@@ -136,7 +136,8 @@ def _fake_slurm_bin(folder: Path) -> Path:
     (folder / "scontrol").write_text(
         '#!/bin/bash\n[ "$1 $2" = "show hostnames" ] && [ "$3" = "gpu[017-018]" ] || exit 3\n'
         'printf "gpu017\\ngpu018\\n"\n')
-    (folder / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$SRUN_ARGS"\n')
+    (folder / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$SRUN_ARGS"\n'
+                                 'echo "$OMP_NUM_THREADS" > "$SRUN_ARGS.omp"\n')
     for f in folder.iterdir():
         f.chmod(0o755)
     return folder
@@ -147,9 +148,10 @@ def test_slurm_script_starts_one_agent_per_node_with_c10d_rendezvous(tmp_path):
     record = tmp_path / "srun_args"
     env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SRUN_ARGS=str(record),
                SLURM_JOB_NODELIST="gpu[017-018]", SLURM_NNODES="2", SLURM_JOB_ID="4242",
-               SLURM_GPUS_ON_NODE="4", SLURM_SUBMIT_DIR=str(REPO), SFRS_PYTHON=sys.executable)
-    env.pop("GPUS", None)
-    env.pop("SFRS_REPO", None)
+               SLURM_GPUS_ON_NODE="4", SLURM_CPUS_PER_TASK="32", SLURM_SUBMIT_DIR=str(REPO),
+               SFRS_PYTHON=sys.executable)
+    for name in ("GPUS", "SFRS_REPO", "OMP_NUM_THREADS", "RDZV_PORT", "MAX_RESTARTS"):
+        env.pop(name, None)
     proc = subprocess.run(["bash", str(SLURM), "configs/pitts30k_sfrs.yaml", "--set", "run.out_dir=/shared/x",
                            "--set", "data.shards=/shared/shards/pitts30k"],
                           capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
@@ -166,6 +168,7 @@ def test_slurm_script_starts_one_agent_per_node_with_c10d_rendezvous(tmp_path):
     assert value("--rdzv_endpoint") == "gpu017:29500"
     assert value("--rdzv_id") == "sfrs-4242"
     assert int(value("--max-restarts")) >= 1
+    assert (tmp_path / "srun_args.omp").read_text().strip() == "8"  # 32 CPUs shared by 4 processes
     script = args.index(str(REPO / "launch" / "train.py"))
     assert args[script + 1:] == ["--config", "configs/pitts30k_sfrs.yaml", "--set", "run.out_dir=/shared/x",
                                  "--set", "data.shards=/shared/shards/pitts30k"]
