@@ -116,7 +116,7 @@ def test_eval_files_build_the_trained_network_on_their_own_shards(name, dataset,
     train = load_config(REPO / "configs" / "pitts30k_sfrs.yaml")
     ev = load_config(REPO / "configs" / name)
     # launch/evaluate.py builds the architecture from cfg.model, then loads the checkpoint
-    for key in ("backbone", "layer", "num_clusters"):
+    for key in ("backbone", "layer", "num_clusters", "trainable"):
         assert getattr(ev.model, key) == getattr(train.model, key)
     assert ev.data.image_size == train.data.image_size
     assert ev.data.aspect_preserving == train.data.aspect_preserving

@@ -41,11 +41,31 @@ def make_sgd(params: Iterable[nn.Parameter], lr: float, momentum: float, weight_
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-class DDPEngine:
+class _Engine:
+    """What both engines share: ``model`` (the wrapped module) and ``optimizer``."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    sharded_optimizer = False
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def optimizer_state(self) -> Dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: Dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+class DDPEngine(_Engine):
     """``DistributedDataParallel`` when a process group is up, the bare module otherwise."""
 
     name = "ddp"
-    sharded_optimizer = False
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
                  precision: str = "fp32") -> None:
@@ -68,21 +88,8 @@ class DDPEngine:
         loss.backward()
         self.optimizer.step()
 
-    def set_lr(self, lr: float) -> None:
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
 
-    def train(self, mode: bool = True) -> None:
-        self.model.train(mode)
-
-    def optimizer_state(self) -> Dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_optimizer_state(self, state: Dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
-
-
-class DeepSpeedEngine:
+class DeepSpeedEngine(_Engine):
     """A DeepSpeed engine (ZeRO stage, bf16/fp16 from the config) with the DDP interface."""
 
     name = "deepspeed"
@@ -118,19 +125,6 @@ class DeepSpeedEngine:
     def backward_step(self, loss: torch.Tensor) -> None:
         self.model.backward(loss)
         self.model.step()
-
-    def set_lr(self, lr: float) -> None:
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-
-    def train(self, mode: bool = True) -> None:
-        self.model.train(mode)
-
-    def optimizer_state(self) -> Dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_optimizer_state(self, state: Dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
 
 
 def build_engine(engine: str, module: nn.Module, device: torch.device, lr: float, momentum: float,

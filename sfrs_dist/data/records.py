@@ -1,0 +1,139 @@
+"""Dataset records and geographic ground truth.
+
+A ``Record`` is one image of a dataset split (database or query) with its UTM position;
+a ``SplitData`` is one split (e.g. ``pitts30k`` ``train``) with its thresholds and the
+ground truth computed through a KD-tree, never an all-pairs distance matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+QUERY = "q"
+DATABASE = "db"
+ROLES = (QUERY, DATABASE)
+
+
+def make_key(name: str, split: str, role: str, index: int) -> str:
+    """Sample key, unique across a shard set: ``<name>_<split>_<q|db>_<index:06d>``.
+
+    Keys contain no dot (WebDataset splits a member name at its first dot).
+    """
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    return f"{name}_{split}_{role}_{index:06d}"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of a split.
+
+    Attributes:
+        key: unique sample key (see ``make_key``).
+        name: dataset name, e.g. ``pitts30k``, ``tokyo247``, ``tokyoTM``.
+        split: ``train``, ``val`` or ``test``.
+        role: ``q`` (query) or ``db`` (database).
+        index: position of the image in its role list of the .mat file.
+        relpath: path as written in the .mat (relative to the role's folder).
+        file: resolved absolute path on disk ("" when the raw folder is not at hand).
+        utm: (east, north) in metres.
+        condition: light condition (``day``/``sunset``/``night``) where the data says it.
+        timestamp: capture time stamp where the format has one (Tokyo Time Machine).
+    """
+
+    key: str
+    name: str
+    split: str
+    role: str
+    index: int
+    relpath: str
+    file: str
+    utm: tuple
+    condition: Optional[str] = None
+    timestamp: Optional[int] = None
+
+    def meta(self) -> Dict:
+        """JSON-able metadata stored next to the image in a shard."""
+        return {
+            "key": self.key,
+            "name": self.name,
+            "split": self.split,
+            "role": self.role,
+            "index": self.index,
+            "relpath": self.relpath,
+            "utm": [float(self.utm[0]), float(self.utm[1])],
+            "condition": self.condition,
+            "timestamp": self.timestamp,
+        }
+
+
+@dataclass
+class SplitData:
+    """One dataset split: database and query records plus ground-truth thresholds.
+
+    Attributes:
+        name: dataset name (``pitts30k``, ``pitts250k``, ``tokyo247``, ``tokyoTM``).
+        split: split name.
+        database: database records, in .mat order.
+        queries: query records, in .mat order.
+        pos_dist_thr: potential-positive radius in metres (25).
+        nontriv_pos_dist_sq_thr: squared radius of training positives (100, i.e. 10 m).
+        exclude_same_timestamp: positives must come from another time stamp (Tokyo TM).
+    """
+
+    name: str
+    split: str
+    database: List[Record]
+    queries: List[Record]
+    pos_dist_thr: float = 25.0
+    nontriv_pos_dist_sq_thr: float = 100.0
+    exclude_same_timestamp: bool = False
+    _tree: Optional[cKDTree] = field(default=None, repr=False, compare=False)
+
+    @property
+    def utm_db(self) -> np.ndarray:
+        return np.asarray([r.utm for r in self.database], dtype=np.float64).reshape(-1, 2)
+
+    @property
+    def utm_q(self) -> np.ndarray:
+        return np.asarray([r.utm for r in self.queries], dtype=np.float64).reshape(-1, 2)
+
+    def _db_tree(self) -> cKDTree:
+        if self._tree is None:
+            self._tree = cKDTree(self.utm_db)
+        return self._tree
+
+    def _within(self, radius: float) -> List[np.ndarray]:
+        hits = self._db_tree().query_ball_point(self.utm_q, r=radius)
+        out = []
+        for qi, idx in enumerate(hits):
+            idx = np.asarray(sorted(idx), dtype=np.int64)
+            if self.exclude_same_timestamp and idx.size:
+                ts = self.queries[qi].timestamp
+                keep = [self.database[j].timestamp != ts for j in idx]
+                idx = idx[np.asarray(keep, dtype=bool)]
+            out.append(idx)
+        return out
+
+    def potential_positives(self) -> List[np.ndarray]:
+        """Per query, sorted database indices within ``pos_dist_thr`` metres."""
+        return self._within(self.pos_dist_thr)
+
+    def training_positives(self) -> List[np.ndarray]:
+        """Per query, sorted database indices within sqrt(``nontriv_pos_dist_sq_thr``) metres."""
+        return self._within(float(np.sqrt(self.nontriv_pos_dist_sq_thr)))
+
+
+def ground_truth_within(utm_q: np.ndarray, utm_db: np.ndarray, radius: float) -> List[np.ndarray]:
+    """Sorted database indices within ``radius`` of each query, through a KD-tree."""
+    tree = cKDTree(np.asarray(utm_db, dtype=np.float64).reshape(-1, 2))
+    hits = tree.query_ball_point(np.asarray(utm_q, dtype=np.float64).reshape(-1, 2), r=radius)
+    return [np.asarray(sorted(h), dtype=np.int64) for h in hits]
+
+
+def records_by_key(records: Sequence[Record]) -> Dict[str, Record]:
+    return {r.key: r for r in records}

@@ -1,0 +1,96 @@
+"""Image transforms (torchvision v1), as in DESIGN section 2.
+
+- training: colour jitter (brightness 0.7, contrast 0.7, saturation 0.7, hue 0.5), resize to
+  ``height x width``, tensor, NetVLAD normalisation;
+- test: resize to ``height x width``, tensor, normalisation;
+- Tokyo 24/7: aspect-preserving resize instead. The configured box is turned like the image
+  (landscape box for landscape images, portrait box for portrait ones) and the image is scaled
+  so its long side fits the box's long side and its short side the box's short side, i.e.
+  by ``min(long_box / long_img, short_box / short_img)``; a 4:3 landscape photo becomes
+  exactly 480x640 at the default size, a 16:9 one 360x640, a 3:4 portrait one 640x480.
+  Images in a batch can then differ in size (evaluate Tokyo queries with batch size 1).
+
+Normalisation follows the NetVLAD convention: ``ToTensor`` (values in [0, 1]) then
+``Normalize(mean=[0.485, 0.458, 0.408], std=[1/255] * 3)``, i.e. pixel values in 0-255
+minus ``mean * 255``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence, Tuple
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+MEAN = (0.485, 0.458, 0.408)
+STD = (1.0 / 255.0,) * 3
+JITTER = (0.7, 0.7, 0.7, 0.5)
+KINDS = ("train", "test", "tokyo")
+
+
+def normalize() -> T.Normalize:
+    return T.Normalize(mean=list(MEAN), std=list(STD))
+
+
+def aspect_fit_size(img_h: int, img_w: int, height: int, width: int) -> Tuple[int, int]:
+    """(h, w) of an image scaled into the box ``height x width`` turned like the image."""
+    long_box, short_box = max(height, width), min(height, width)
+    long_img, short_img = max(img_h, img_w), min(img_h, img_w)
+    scale = min(long_box / long_img, short_box / short_img)
+    return max(1, round(img_h * scale)), max(1, round(img_w * scale))
+
+
+class AspectFitResize:
+    """Resize a PIL image with ``aspect_fit_size`` (bilinear)."""
+
+    def __init__(self, height: int, width: int):
+        self.height, self.width = int(height), int(width)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        h, w = aspect_fit_size(img.height, img.width, self.height, self.width)
+        if (h, w) == (img.height, img.width):
+            return img
+        return img.resize((w, h), Image.BILINEAR)
+
+    def __repr__(self) -> str:
+        return f"AspectFitResize(height={self.height}, width={self.width})"
+
+
+def train_transform(height: int, width: int, jitter: Sequence[float] = JITTER) -> T.Compose:
+    """Colour jitter, resize to ``height x width``, tensor, normalise."""
+    b, c, s, h = jitter
+    return T.Compose([
+        T.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h),
+        T.Resize((height, width)),
+        T.ToTensor(),
+        normalize(),
+    ])
+
+
+def eval_transform(height: int, width: int) -> T.Compose:
+    """Resize to ``height x width``, tensor, normalise."""
+    return T.Compose([T.Resize((height, width)), T.ToTensor(), normalize()])
+
+
+def tokyo_transform(height: int, width: int) -> T.Compose:
+    """Aspect-preserving resize (see module docstring), tensor, normalise."""
+    return T.Compose([AspectFitResize(height, width), T.ToTensor(), normalize()])
+
+
+def make_transform(kind: str, height: int, width: int) -> Callable[[Image.Image], torch.Tensor]:
+    """``train``, ``test`` or ``tokyo`` transform for the configured size."""
+    if kind == "train":
+        return train_transform(height, width)
+    if kind == "test":
+        return eval_transform(height, width)
+    if kind == "tokyo":
+        return tokyo_transform(height, width)
+    raise ValueError(f"transform kind must be one of {KINDS}, got {kind!r}")
+
+
+def denormalize(t: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``normalize`` on a (3, H, W) or (B, 3, H, W) tensor, back to [0, 1]."""
+    mean = torch.tensor(MEAN, dtype=t.dtype).view(3, 1, 1)
+    std = torch.tensor(STD, dtype=t.dtype).view(3, 1, 1)
+    return t * std + mean
