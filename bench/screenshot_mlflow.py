@@ -28,8 +28,6 @@ import json
 import logging
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +38,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from sfrs_dist.mlflow_server import LOG_NAME, free_port, start_server, stop_server, wait_until_up
+
 log = logging.getLogger("screenshot_mlflow")
 HOST = "127.0.0.1"
 SHARE_KEY = "sfrs-generations"
@@ -49,12 +49,6 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 
 # ----------------------------------------------------------------------------- server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def get_json(url: str, timeout: float = 10.0) -> Dict[str, Any]:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.loads(r.read())
@@ -79,46 +73,6 @@ def private_store(store_uri: str, workdir: Path) -> Tuple[str, bool]:
     dst = workdir / "mlflow.db"
     shutil.copyfile(src, dst)
     return f"{prefix}{dst}", True
-
-
-def start_server(store_uri: str, port: int, workdir: Path) -> subprocess.Popen:
-    """``mlflow server`` in its own process group (stopped with ``stop_group``)."""
-    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent))
-    cli = [exe] if exe else [sys.executable, "-m", "mlflow"]
-    cmd = [*cli, "server", "--backend-store-uri", store_uri, "--artifacts-destination", str(workdir / "artifacts"),
-           "--host", HOST, "--port", str(port), "--workers", "1"]
-    env = dict(os.environ)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    with open(workdir / "server.log", "w") as logf:
-        return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=workdir, env=env,
-                                start_new_session=True)
-
-
-def wait_until_up(base: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with status {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"mlflow server at {base} did not answer within {timeout:.0f} s")
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """Terminate a process started with ``start_new_session`` and its children."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -283,7 +237,7 @@ def screenshot_runs_table(url: str, out: Path, chromium: str, size: Tuple[int, i
                                            timeout=150))
         out.write_bytes(png)
     finally:
-        stop_group(proc)
+        stop_server(proc)
 
 
 def shrink_png(path: Path, max_bytes: int) -> None:
@@ -316,11 +270,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def take(args: argparse.Namespace, chromium: str, workdir: Path) -> str:
     """Serve the store, render the view into ``args.out``; return a one-line summary."""
     store, is_copy = private_store(args.backend_store_uri, workdir)
-    port = free_port()
+    port = free_port(HOST)
     base = f"http://{HOST}:{port}"
-    server = start_server(store, port, workdir)
+    server = start_server(store, workdir / "artifacts", HOST, port, workdir)
     try:
-        wait_until_up(base, server, timeout=120)
+        wait_until_up(base, server, timeout=120, log_path=workdir / LOG_NAME)
         exp_id, parent, children = job_runs(base, args.experiment)
         if not children:
             raise RuntimeError(f"parent run {parent['info']['run_id']} has no generation runs")
@@ -338,7 +292,7 @@ def take(args: argparse.Namespace, chromium: str, workdir: Path) -> str:
             log.info("rendering %s", url)
             screenshot_plain(url, shot, chromium, size, args.budget_ms, workdir)
     finally:
-        stop_group(server)
+        stop_server(server)
     shrink_png(shot, args.max_bytes)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp")

@@ -4,7 +4,8 @@
         --checkpoint runs/demo/checkpoints/generation02_final.pt [--pca FILE] [--out results.json]
 
 ``--checkpoint`` takes several files or globs (e.g. every checkpoint of the last generation);
-each gets its own table. OpenIBL checkpoints (VGG16 + NetVLAD) are accepted too.
+each gets its own table. OpenIBL checkpoints (VGG16 + NetVLAD) are accepted too. Training
+checkpoints saved at the start of a generation hold no network; they are skipped with a warning.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import List, Optional
 from sfrs_dist import distributed as du
 from sfrs_dist.config import load_config_for_launch
 from sfrs_dist.data.manifest import Manifest
-from sfrs_dist.evaluation.checkpoints import load_for_eval
+from sfrs_dist.evaluation.checkpoints import NoNetworkError, load_for_eval
 from sfrs_dist.evaluation.pca import PCAWhitening
 from sfrs_dist.evaluation.recall import format_recall_table
 from sfrs_dist.evaluation.runner import evaluate_splits
@@ -65,7 +66,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         pca = PCAWhitening.load(args.pca) if args.pca else None
         results = {}
         for ck in ckpts:
-            net = load_for_eval(cfg, Path(ck), info.device)
+            try:
+                net = load_for_eval(cfg, Path(ck), info.device)
+            except NoNetworkError as exc:
+                log.warning("skipped: %s", exc)
+                continue
             tables = evaluate_splits(net, net.output_dim, manifest, sids, cfg.data, info.device,
                                      cfg.eval.recall_ns, pca=pca, bf16=cfg.eval.bf16)
             results[ck] = {sid: {"recall": {c: {str(n): v for n, v in row.items()} for c, row in t.items()},
@@ -73,6 +78,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             if du.is_main_process():
                 for sid, (t, counts) in tables.items():
                     print(f"\n{ck} :: {sid}\n{format_recall_table(t, counts)}")
+        if not results:
+            log.error("none of the %d checkpoint(s) holds a network", len(ckpts))
+            return 1
         if du.is_main_process():
             out = Path(args.out or Path(cfg.run.out_dir) / "eval.json")
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,13 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -25,6 +20,7 @@ from typing import Any, Dict, Iterator, List
 import pytest
 import torch
 
+from sfrs_dist.mlflow_server import LOG_NAME, free_port, start_server, stop_server, wait_until_up
 from sfrs_dist.training.checkpoint import latest_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,18 +30,6 @@ EXPERIMENT = "sfrs-server-test"
 SERVER_START_TIMEOUT_S = 120.0
 JOB_TIMEOUT_S = 300.0
 HTTP_TIMEOUT_S = 10.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def _mlflow_cli() -> List[str]:
-    """The ``mlflow`` command installed beside this interpreter (``python -m mlflow`` otherwise)."""
-    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent))
-    return [exe] if exe else [sys.executable, "-m", "mlflow"]
 
 
 def _env() -> Dict[str, str]:
@@ -66,53 +50,21 @@ def post_json(url: str, body: Dict[str, Any]) -> Dict[str, Any]:
         return json.loads(r.read())
 
 
-def wait_until_up(base: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    """Poll ``/health`` until the server answers; fail early if it exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"mlflow server did not answer within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Terminate the server's process group (the CLI runs uvicorn as a child process)."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory) -> Iterator[Dict[str, Any]]:
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
+    port = free_port(HOST)
     base = f"http://{HOST}:{port}"
-    log = root / "server.log"
-    cmd = [*_mlflow_cli(), "server",
-           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--default-artifact-root", "mlflow-artifacts:/",
-           "--artifacts-destination", str(root / "artifacts"),
-           "--host", HOST, "--port", str(port), "--workers", "1"]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=root, env=_env(),
-                                start_new_session=True)
+    proc = start_server(f"sqlite:///{root / 'mlflow.db'}", root / "artifacts", HOST, port, root, env=_env())
+    log = root / LOG_NAME
     try:
-        wait_until_up(base, proc, log, SERVER_START_TIMEOUT_S)
+        try:
+            wait_until_up(base, proc, SERVER_START_TIMEOUT_S, log_path=log)
+        except RuntimeError as exc:
+            raise AssertionError(str(exc)) from None
         yield {"url": base, "artifacts": root / "artifacts", "log": log}
     finally:
-        stop(proc)
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,16 @@ from ..models.openibl import build_model_from_openibl
 from ..training.checkpoint import load_checkpoint
 
 
+class NoNetworkError(ValueError):
+    """One of our training checkpoints that holds no network (written at the start of a generation)."""
+
+
 def load_for_eval(cfg: Config, path: Path, device: torch.device) -> SFRSNet:
-    """Our checkpoint (a dict with ``model``) with ``cfg.model``'s architecture, else OpenIBL."""
+    """Our checkpoint (a dict with ``model``) with ``cfg.model``'s architecture, else OpenIBL.
+
+    Raises :class:`NoNetworkError` (a ValueError) for our training checkpoints without a
+    ``model`` (a dict with ``state``, saved when a generation starts).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -25,6 +33,9 @@ def load_for_eval(cfg: Config, path: Path, device: torch.device) -> SFRSNet:
             net.load_state_dict(raw["model"])
         except RuntimeError as exc:
             raise ValueError(f"checkpoint {path} does not match model config {m}: {exc}") from None
+    elif isinstance(raw, dict) and "state" in raw:
+        raise NoNetworkError(f"checkpoint {path} holds training state but no network ('model' key): "
+                             "it was saved at the start of a generation; evaluate a later checkpoint")
     else:
         net = build_model_from_openibl(str(path), trainable="none")
     return net.requires_grad_(False).to(device).eval()
