@@ -189,6 +189,25 @@ def _records(
     return out
 
 
+def _split_data(
+    s: DbStruct, mat_path: Path, name: str, split: str, db_folder: Path, q_folder: Path, png_fallback: bool,
+    check_files: bool, exclude_same_timestamp: bool = False,
+) -> SplitData:
+    """A ``SplitData`` from a parsed .mat and its image folders (images checked if asked)."""
+    out = SplitData(
+        name=name,
+        split=split,
+        database=_records(s, name, split, DATABASE, db_folder, png_fallback),
+        queries=_records(s, name, split, QUERY, q_folder, png_fallback),
+        pos_dist_thr=s.pos_dist_thr,
+        nontriv_pos_dist_sq_thr=s.nontriv_pos_dist_sq_thr,
+        exclude_same_timestamp=exclude_same_timestamp,
+    )
+    if check_files:
+        check_images(out, mat_path)
+    return out
+
+
 def check_images(split: SplitData, mat_path: Path, limit: int = 10) -> None:
     """Raise ``MissingImagesError`` naming the missing images of ``split``."""
     missing = [r.file for r in split.database + split.queries if not Path(r.file).is_file()]
@@ -213,18 +232,8 @@ def load_pitts(
     root = Path(root)
     mat_path = Path(mat_dir or root / "datasets") / f"pitts{scale}_{split}.mat"
     s = read_dbstruct(mat_path, PITTS_FIELDS)
-    name = f"pitts{scale}"
-    out = SplitData(
-        name=name,
-        split=split,
-        database=_records(s, name, split, DATABASE, Path(db_dir or root), False),
-        queries=_records(s, name, split, QUERY, Path(query_dir or root / "queries_real"), False),
-        pos_dist_thr=s.pos_dist_thr,
-        nontriv_pos_dist_sq_thr=s.nontriv_pos_dist_sq_thr,
-    )
-    if check_files:
-        check_images(out, mat_path)
-    return out
+    return _split_data(s, mat_path, f"pitts{scale}", split, Path(db_dir or root),
+                       Path(query_dir or root / "queries_real"), False, check_files)
 
 
 def load_tokyo247(
@@ -238,17 +247,8 @@ def load_tokyo247(
     root = Path(root)
     mat_path = Path(mat_path or root / "tokyo247.mat")
     s = read_dbstruct(mat_path, PITTS_FIELDS)
-    out = SplitData(
-        name="tokyo247",
-        split="test",
-        database=_records(s, "tokyo247", "test", DATABASE, Path(db_dir or root / "images"), True),
-        queries=_records(s, "tokyo247", "test", QUERY, Path(query_dir or root / "query"), True),
-        pos_dist_thr=s.pos_dist_thr,
-        nontriv_pos_dist_sq_thr=s.nontriv_pos_dist_sq_thr,
-    )
-    if check_files:
-        check_images(out, mat_path)
-    return out
+    return _split_data(s, mat_path, "tokyo247", "test", Path(db_dir or root / "images"),
+                       Path(query_dir or root / "query"), True, check_files)
 
 
 def load_tokyo_tm(
@@ -263,18 +263,8 @@ def load_tokyo_tm(
     mat_path = Path(mat_dir or root) / f"tokyoTM_{split}.mat"
     s = read_dbstruct(mat_path, TOKYO_TM_FIELDS)
     folder = Path(image_dir or root / "images")
-    out = SplitData(
-        name="tokyoTM",
-        split=split,
-        database=_records(s, "tokyoTM", split, DATABASE, folder, True),
-        queries=_records(s, "tokyoTM", split, QUERY, folder, True),
-        pos_dist_thr=s.pos_dist_thr,
-        nontriv_pos_dist_sq_thr=s.nontriv_pos_dist_sq_thr,
-        exclude_same_timestamp=True,
-    )
-    if check_files:
-        check_images(out, mat_path)
-    return out
+    return _split_data(s, mat_path, "tokyoTM", split, folder, folder, True, check_files,
+                       exclude_same_timestamp=True)
 
 
 def panorama_ids(split: SplitData) -> np.ndarray:
