@@ -49,14 +49,11 @@ def cache_key(teacher_ckpt: Path, manifest: Manifest, image_size) -> str:
 def compute_shard(net: SFRSNet, cfg: Config, manifest: Manifest, sid: str, train_pos: List[np.ndarray],
                   device: torch.device) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """This rank's (query, positive, 9 similarities) entries and the number of images forwarded."""
-    data = cfg.data
-    common = dict(image_size=data.image_size, batch_size=data.extract_batch_size,
-                  num_workers=data.num_workers, device=device)
-    q_globals = extract_group(net, net.output_dim, manifest, sid, "q", **common)
+    q_globals = extract_group(net, net.output_dim, manifest, sid, "q", cfg.data, device)
     db_keys = manifest.group_keys(f"{sid}_db")
     row = {k: i for i, k in enumerate(db_keys)}
     owners = tc.invert_positives(train_pos, len(db_keys))
-    loader = pass_loader(manifest, sid, "db", data.image_size, data.extract_batch_size, data.num_workers)
+    loader = pass_loader(manifest, sid, "db", cfg.data)
     parts = []
     forwarded = 0
     with torch.no_grad():

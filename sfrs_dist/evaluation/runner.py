@@ -28,10 +28,9 @@ def split_descriptors(fn: Callable[[torch.Tensor], torch.Tensor], dim: int, mani
                       data: DataConfig, device: torch.device, bf16: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """(database, query) descriptors of split ``sid``, on every rank, in manifest order."""
     name = manifest.splits[sid].name
-    common = dict(image_size=data.image_size, batch_size=data.extract_batch_size,
-                  num_workers=data.num_workers, device=device, bf16=bf16)
-    db = extract_group(fn, dim, manifest, sid, "db", kind="test", **common)
-    q = extract_group(fn, dim, manifest, sid, "q", kind=transform_kind(name, data.aspect_preserving, "q"), **common)
+    db = extract_group(fn, dim, manifest, sid, "db", data, device, bf16=bf16)
+    q = extract_group(fn, dim, manifest, sid, "q", data, device, kind=transform_kind(name, data.aspect_preserving, "q"),
+                      bf16=bf16)
     return db, q
 
 

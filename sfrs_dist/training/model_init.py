@@ -22,7 +22,7 @@ def _sample_descriptors(net: SFRSNet, cfg: Config, manifest: Manifest, sid: str,
     want_images = max(1, cfg.model.init_images // du.get_world_size())
     per_image = max(1, cfg.model.init_descriptors // max(1, cfg.model.init_images))
     gen = torch.Generator().manual_seed(cfg.train.seed + du.get_rank())
-    loader = pass_loader(manifest, sid, "db", cfg.data.image_size, cfg.data.extract_batch_size, 0)
+    loader = pass_loader(manifest, sid, "db", cfg.data, num_workers=0)  # stops early: no workers to spin up
     out, seen = [], 0
     with eval_mode(net), torch.no_grad():
         for batch in loader:

@@ -6,11 +6,13 @@ Used by mining refreshes, the teacher pass and evaluation.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
+from ..config import DataConfig
 from ..data.manifest import Manifest
 from ..data.streaming import make_pass_loader
 from ..data.transforms import make_transform
@@ -24,13 +26,18 @@ def transform_kind(dataset_name: str, aspect_preserving: list, role: str) -> str
     return "tokyo" if role == "q" and dataset_name in aspect_preserving else "test"
 
 
-def pass_loader(manifest: Manifest, sid: str, role: str, image_size, batch_size: int, num_workers: int,
-                kind: str = "test"):
-    """Streaming loader over one role of one split (test transform), split across ranks/workers."""
-    group = f"{sid}_{role}"
-    transform = make_transform(kind, int(image_size[0]), int(image_size[1]))
-    bs = 1 if kind == "tokyo" else batch_size
-    return make_pass_loader(manifest, group, transform, batch_size=bs, num_workers=num_workers)
+def pass_loader(manifest: Manifest, sid: str, role: str, data: DataConfig, kind: str = "test",
+                num_workers: Optional[int] = None):
+    """Streaming loader over one role of one split, split across ranks/workers.
+
+    Image size, batch size and workers come from ``data`` (``num_workers`` overrides the
+    latter); aspect-preserving (``tokyo``) batches hold one image, their sizes differ.
+    """
+    h, w = (int(v) for v in data.image_size)
+    bs = 1 if kind == "tokyo" else data.extract_batch_size
+    workers = data.num_workers if num_workers is None else num_workers
+    return make_pass_loader(manifest, f"{sid}_{role}", make_transform(kind, h, w), batch_size=bs,
+                            num_workers=workers)
 
 
 def extract_group(
@@ -39,32 +46,26 @@ def extract_group(
     manifest: Manifest,
     sid: str,
     role: str,
-    image_size,
-    batch_size: int,
-    num_workers: int,
+    data: DataConfig,
     device: torch.device,
     kind: str = "test",
     bf16: bool = False,
 ) -> np.ndarray:
     """Descriptors of every sample of ``<sid>_<role>`` in manifest order, on every rank."""
-    loader = pass_loader(manifest, sid, role, image_size, batch_size, num_workers, kind)
+    loader = pass_loader(manifest, sid, role, data, kind)
     keys, descs = extract_descriptors(
         fn, loader, dim, device, autocast_dtype=torch.bfloat16 if bf16 else None
     )
     return gather_descriptors(keys, descs, manifest.group_keys(f"{sid}_{role}"))
 
 
-def eval_mode(module: torch.nn.Module):
-    """Context that puts ``module`` in eval mode and restores its mode after."""
-
-    class _Ctx:
-        def __enter__(self):
-            self.was = module.training
-            module.eval()
-            return module
-
-        def __exit__(self, *exc):
-            module.train(self.was)
-
-    return _Ctx()
+@contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Put ``module`` in eval mode and restore its previous mode after."""
+    was = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was)
 

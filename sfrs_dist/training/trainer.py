@@ -221,10 +221,10 @@ class Trainer:
         t0 = time.time()
         net = engine.module
         with eval_mode(net):
-            common = dict(image_size=cfg.data.image_size, batch_size=cfg.data.extract_batch_size,
-                          num_workers=cfg.data.num_workers, device=self.device, bf16=cfg.eval.bf16)
-            q_desc = extract_group(net, net.output_dim, self.manifest, self.train.sid, "q", **common)
-            db_desc = extract_group(net, net.output_dim, self.manifest, self.train.sid, "db", **common)
+            q_desc = extract_group(net, net.output_dim, self.manifest, self.train.sid, "q", cfg.data, self.device,
+                                   bf16=cfg.eval.bf16)
+            db_desc = extract_group(net, net.output_dim, self.manifest, self.train.sid, "db", cfg.data, self.device,
+                                    bf16=cfg.eval.bf16)
         t1 = time.time()
         rng = np.random.default_rng(seed_for(cfg.train.seed, gen, epoch, s, 1))
         feats = np.concatenate([q_desc, db_desc])
@@ -311,9 +311,8 @@ class Trainer:
         pca, pca_path = None, None
         with eval_mode(net):
             if cfg.eval.pca_dim and cfg.eval.pca_dim < net.output_dim:
-                db = extract_group(net, net.output_dim, self.manifest, self.train.sid, "db",
-                                   image_size=cfg.data.image_size, batch_size=cfg.data.extract_batch_size,
-                                   num_workers=cfg.data.num_workers, device=self.device, bf16=cfg.eval.bf16)
+                db = extract_group(net, net.output_dim, self.manifest, self.train.sid, "db", cfg.data,
+                                   self.device, bf16=cfg.eval.bf16)
                 pca_path = self.ckpt_dir / f"generation{gen:02d}_pca.h5"
                 if du.is_main_process():  # only rank 0 searches, so only rank 0 needs the PCA
                     pca = PCAWhitening(cfg.eval.pca_dim).fit(db, max_samples=cfg.eval.pca_samples,
