@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import List, Optional
 
 from sfrs_dist import distributed as du
-from sfrs_dist.config import load_config_for_launch
+from sfrs_dist.config import ConfigError, check_resume, load_config_for_launch
 from sfrs_dist.logging_utils import setup_logging
 from sfrs_dist.tracking import default_tracking_uri
+from sfrs_dist.training.checkpoint import latest_checkpoint
 from sfrs_dist.training.report import generation_table
 from sfrs_dist.training.trainer import Trainer
 
@@ -26,6 +27,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     cfg = load_config_for_launch(args.config, args.overrides)  # validated before any work
     if cfg is None:
+        return 2
+    try:  # before any process group: every rank stops with one message
+        check_resume(cfg, cfg.run.out_dir, latest_checkpoint(Path(cfg.run.out_dir) / "checkpoints") is not None)
+    except ConfigError as exc:
+        if du.launch_rank() == 0:
+            print(f"config error: {exc}", file=sys.stderr)
         return 2
     info = du.init_distributed(timeout_s=cfg.run.dist_timeout_s)
     setup_logging()

@@ -44,12 +44,18 @@ class DataConfig:
     """DataLoader workers per rank."""
     extract_batch_size: int = 16
     """Images per forward pass during descriptor extraction."""
+    color_jitter: List[float] = field(default_factory=lambda: [0.7, 0.7, 0.7, 0.5])
+    """Training colour jitter: brightness, contrast, saturation, hue (all 0: none)."""
 
     def __post_init__(self) -> None:
         _check(len(self.image_size) == 2 and all(v > 0 for v in self.image_size),
                f"data.image_size must be [H, W] with positive values, got {self.image_size}")
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _check(self.extract_batch_size > 0, "data.extract_batch_size must be > 0")
+        _check(len(self.color_jitter) == 4 and all(v >= 0 for v in self.color_jitter)
+               and self.color_jitter[3] <= 0.5,
+               f"data.color_jitter must be [brightness, contrast, saturation, hue] >= 0 with hue <= 0.5, "
+               f"got {self.color_jitter}")
 
 
 @dataclass
@@ -340,6 +346,36 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
     os.replace(tmp, path)
+
+
+#: Settings a job may change when it resumes: where files are, how fast data is read, how far
+#: the job goes and how it reports. Anything else changes what the checkpoints mean.
+RESUME_FREE = ("data.shards", "data.num_workers", "data.extract_batch_size", "data.test_sets",
+               "train.generations", "train.log_every", "eval.", "tracking.", "run.")
+
+
+def resume_conflicts(saved: Config, new: Config) -> List[str]:
+    """``key: old -> new`` for every setting that differs and may not change on resume."""
+    old, cur = saved.flat(), new.flat()
+    return [f"{k}: {old[k]!r} -> {cur[k]!r}" for k in cur
+            if old.get(k) != cur[k] and not any(k == f or (f.endswith(".") and k.startswith(f)) for f in RESUME_FREE)]
+
+
+def check_resume(cfg: Config, run_dir: str | Path, has_checkpoints: bool) -> None:
+    """Raise ConfigError if ``run_dir`` holds checkpoints of a job configured differently.
+
+    Only for ``run.resume: auto``: the resolved config that the earlier job wrote to
+    ``run_dir/config.yaml`` is compared with ``cfg``.
+    """
+    saved_path = Path(run_dir) / "config.yaml"
+    if cfg.run.resume != "auto" or not has_checkpoints or not saved_path.is_file():
+        return
+    conflicts = resume_conflicts(load_config(saved_path), cfg)
+    if conflicts:
+        raise ConfigError(
+            f"{run_dir} holds checkpoints of a job with another configuration ({saved_path}); it would resume "
+            f"from them. Differences: {'; '.join(conflicts)}. Use another run.out_dir, or delete {run_dir} to "
+            "start over.")
 
 
 def load_config_for_launch(path: Optional[str | Path], overrides: Sequence[str] = ()) -> Optional[Config]:

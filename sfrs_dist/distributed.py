@@ -39,6 +39,11 @@ def get_rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def launch_rank() -> int:
+    """This process's global rank from torchrun's environment; usable before the process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 

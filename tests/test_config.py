@@ -1,9 +1,15 @@
 """Typed config: layering, strict validation, clear errors."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import yaml
 
-from sfrs_dist.config import ConfigError, load_config, save_config
+from sfrs_dist.config import ConfigError, check_resume, load_config, resume_conflicts, save_config
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _write(tmp_path, data, name="run.yaml"):
@@ -42,6 +48,10 @@ def test_wrong_type_and_bad_value(tmp_path):
         load_config(None, ["mining.k3=5"])
     with pytest.raises(ConfigError, match="expected true/false"):
         load_config(None, ["model.grad_checkpointing=3"])
+    with pytest.raises(ConfigError, match=r"data\.color_jitter.*hue <= 0\.5.*0\.9"):
+        load_config(None, ["data.color_jitter=[0.7, 0.7, 0.7, 0.9]"])
+    with pytest.raises(ConfigError, match=r"data\.color_jitter"):
+        load_config(None, ["data.color_jitter=[0.7, 0.7]"])
 
 
 def test_save_roundtrip(tmp_path):
@@ -51,3 +61,40 @@ def test_save_roundtrip(tmp_path):
     assert again == cfg
     assert again.temperature(5) == 0.05
     assert cfg.flat()["train.seed"] == 7
+
+
+def test_resume_conflicts_name_what_changed_and_allow_what_may():
+    old = load_config(None, ["train.epochs=2", "data.color_jitter=[0.7, 0.7, 0.7, 0.5]"])
+    same_job = load_config(None, ["train.epochs=2", "data.color_jitter=[0.7, 0.7, 0.7, 0.5]",
+                                  "train.generations=6", "data.num_workers=0", "run.out_dir=elsewhere",
+                                  "eval.bf16=true", "tracking.experiment=x"])
+    assert resume_conflicts(old, same_job) == []
+    other_job = load_config(None, ["train.epochs=3", "data.color_jitter=[0, 0, 0, 0]"])
+    conflicts = resume_conflicts(old, other_job)
+    assert conflicts == ["data.color_jitter: [0.7, 0.7, 0.7, 0.5] -> [0.0, 0.0, 0.0, 0.0]", "train.epochs: 2 -> 3"]
+
+
+def test_check_resume_only_when_auto_and_checkpoints_exist(tmp_path):
+    save_config(load_config(None, ["train.epochs=2"]), tmp_path / "config.yaml")
+    new = load_config(None, ["train.epochs=3"])
+    check_resume(new, tmp_path, has_checkpoints=False)  # nothing to resume from
+    check_resume(load_config(None, ["train.epochs=3", "run.resume=none"]), tmp_path, has_checkpoints=True)
+    with pytest.raises(ConfigError, match=r"another configuration.*train\.epochs: 2 -> 3"):
+        check_resume(new, tmp_path, has_checkpoints=True)
+
+
+def test_train_refuses_to_resume_another_job_before_starting(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "ckpt_g00_e001_s0000.pt"
+    ckpt.write_bytes(b"earlier job")
+    save_config(load_config(REPO / "configs" / "tiny.yaml", [f"run.out_dir={run}", "train.lr=0.5"]),
+                run / "config.yaml")
+    before = (run / "config.yaml").read_bytes()
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--config",
+                           str(REPO / "configs" / "tiny.yaml"), "--set", f"run.out_dir={run}"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2
+    assert "train.lr: 0.5 -> " in proc.stderr and str(run) in proc.stderr
+    assert proc.stderr.count("config error") == 1
+    assert (run / "config.yaml").read_bytes() == before and ckpt.read_bytes() == b"earlier job"

@@ -80,6 +80,7 @@ def test_pitts30k_reference_values_match_design():
     assert cfg.data.train_set == "pitts30k_train" and cfg.data.val_set == "pitts30k_val"
     assert cfg.data.test_sets == ["pitts30k_test"]
     assert cfg.data.aspect_preserving == ["tokyo247"]
+    assert cfg.data.color_jitter == [0.7, 0.7, 0.7, 0.5]
     # optimiser and schedule
     assert (cfg.train.lr, cfg.train.momentum, cfg.train.weight_decay) == (0.001, 0.9, 0.001)
     assert (cfg.train.lr_step, cfg.train.lr_gamma) == (5, 0.5)

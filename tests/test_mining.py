@@ -11,9 +11,11 @@ from sfrs_dist.config import MiningConfig
 from sfrs_dist.mining.knn import self_topk
 from sfrs_dist.mining.rerank import half_k, reciprocal_sets, rerank_dense_reference, rerank_pair_distances
 from sfrs_dist.mining.tuples import (
+    COLLAPSE_SIMILARITY,
     NegativeCache,
     TrainingTuple,
     make_negative_sampler,
+    mean_pair_similarity,
     mine_subset,
     select_difficult_positives,
 )
@@ -191,3 +193,21 @@ def test_mine_subset_rejects_bad_negatives():
     with pytest.raises(ValueError, match="outside the database"):
         mine_subset([1, 2], feats, nq, train_pos, lambda q, rng, n: np.arange(10) + 10_000,
                     NegativeCache(nq, 5), 0, np.random.default_rng(0), cfg)
+
+
+def test_mean_pair_similarity_tells_spread_from_collapsed_descriptors():
+    rng = np.random.default_rng(0)
+    spread = rng.normal(size=(500, 64)).astype(np.float32)
+    spread /= np.linalg.norm(spread, axis=1, keepdims=True)
+    common = rng.normal(size=64)
+    collapsed = common + 0.05 * rng.normal(size=(500, 64))
+    collapsed /= np.linalg.norm(collapsed, axis=1, keepdims=True)
+    s_spread = mean_pair_similarity(spread, np.random.default_rng(1))
+    s_collapsed = mean_pair_similarity(collapsed, np.random.default_rng(1))
+    assert abs(s_spread) < 0.05
+    assert s_collapsed > COLLAPSE_SIMILARITY
+    # pairs are distinct rows: two descriptors, each pair is (0, 1) or (1, 0)
+    two = np.eye(2, dtype=np.float32)
+    assert mean_pair_similarity(two, np.random.default_rng(2)) == 0.0
+    with pytest.raises(ValueError, match="at least 2"):
+        mean_pair_similarity(two[:1], np.random.default_rng(2))

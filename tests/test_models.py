@@ -275,6 +275,27 @@ def test_smallcnn_weights_round_trip(tmp_path):
     assert out.shape == (1, 128, 4, 4)
 
 
+def test_smallcnn_ignores_per_image_exposure_and_white_balance():
+    """Each input channel is standardised per image: gain and offset per channel change nothing,
+    other images in the batch do not matter, and a different scene does change the output."""
+    torch.manual_seed(0)
+    net = build_model("smallcnn", weights=None, num_clusters=8).eval()
+    def scenes(n):  # smooth random images: structure the network can tell apart
+        return torch.nn.functional.interpolate(torch.rand(n, 3, 8, 10), size=(64, 80), mode="bilinear") * 255 - 120
+
+    x = scenes(3)
+    gain = torch.tensor([0.3, 0.5, 0.4]).view(1, 3, 1, 1)
+    offset = torch.tensor([-40.0, 10.0, 25.0]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = net(x)
+        dark = net(x * gain + offset)
+        alone = net(x[:1] * gain + offset)
+        other = net(scenes(3))
+    change = (other - ref).norm(dim=1)
+    assert ((dark - ref).norm(dim=1) < change / 100).all()
+    assert ((alone - ref[:1]).norm(dim=1) < change[:1] / 100).all()
+
+
 # ----------------------------------------------------------------- initialisation
 
 

@@ -10,11 +10,13 @@ from sfrs_dist.mining.knn import (
 )
 from sfrs_dist.mining.rerank import rerank_dense_reference, rerank_pair_distances
 from sfrs_dist.mining.tuples import (
+                                  COLLAPSE_SIMILARITY,
                                   MiningResult,
                                   MiningTimings,
                                   NegativeCache,
                                   TrainingTuple,
                                   make_negative_sampler,
+                                  mean_pair_similarity,
                                   mine_subset,
                                   select_difficult_positives,
                                   select_easiest_positive,
@@ -24,6 +26,7 @@ from sfrs_dist.mining.tuples import (
 __all__ = [
     "gather_inner_products", "merge_topk", "pair_inner_products", "self_topk", "shard_range", "sharded_topk",
     "rerank_dense_reference", "rerank_pair_distances",
-    "MiningResult", "MiningTimings", "NegativeCache", "TrainingTuple", "make_negative_sampler", "mine_subset",
+    "COLLAPSE_SIMILARITY", "MiningResult", "MiningTimings", "NegativeCache", "TrainingTuple", "make_negative_sampler",
+    "mean_pair_similarity", "mine_subset",
     "select_difficult_positives", "select_easiest_positive", "select_hard_negatives",
 ]

@@ -121,6 +121,24 @@ def make_negative_sampler(num_db: int, non_negatives: Sequence[np.ndarray]) -> N
     return sample
 
 
+#: Mean cosine similarity between random images above which descriptors count as collapsed.
+COLLAPSE_SIMILARITY = 0.95
+
+
+def mean_pair_similarity(feats: np.ndarray, rng: np.random.Generator, pairs: int = 2000) -> float:
+    """Mean inner product of ``pairs`` random pairs of distinct rows of ``feats`` (L2-normalised).
+
+    A health check of the descriptor space: a few tenths for a working network, close to 1
+    when every image maps to nearly the same descriptor (a collapsed network).
+    """
+    n = len(feats)
+    if n < 2:
+        raise ValueError(f"mean_pair_similarity needs at least 2 descriptors, got {n}")
+    a = rng.integers(0, n, pairs)
+    b = (a + rng.integers(1, n, pairs)) % n  # never equal to a
+    return float(np.einsum("ij,ij->i", feats[a].astype(np.float32), feats[b].astype(np.float32)).mean())
+
+
 def _order(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Positions sorting by descending score, ties by smaller id."""
     return np.lexsort((ids, -scores))

@@ -8,7 +8,8 @@ and gradient checkpointing can split it into segments.
   last max-pool removed (``features[:-2]``); output 512 channels, stride 16.
 - ``resnet18`` / ``resnet50``: stem + ``layer1..layer3`` (stride 16) or ``..layer4``
   (stride 32).
-- ``smallcnn``: a four/five-layer CNN (128 channels, stride 8 or 16) for CPU demos and tests.
+- ``smallcnn``: a four/five-layer CNN (128 channels, stride 8 or 16) for CPU demos and tests;
+  each input channel is standardised per image first (exposure and white balance drop out).
 
 Weights come from a local file (a torchvision state dict, an OpenIBL checkpoint or a
 state dict of the backbone itself), from torchvision's ImageNet weights (``"imagenet"``,
@@ -135,7 +136,10 @@ def _smallcnn(weights: Optional[str], layer: Optional[str]) -> Tuple[nn.Sequenti
     if weights == "imagenet":
         raise ValueError("smallcnn has no ImageNet weights; use weights=None or a local file")
     widths = [32, 64, SMALLCNN_CHANNELS] + ([SMALLCNN_CHANNELS] if layer == "stride16" else [])
-    layers: List[nn.Module] = []
+    # Per-image standardisation of each input channel: a network trained from scratch on a
+    # few hundred images does not learn invariance to exposure and colour cast by itself;
+    # under the reference colour jitter it collapsed instead (all descriptors alike).
+    layers: List[nn.Module] = [nn.InstanceNorm2d(3)]
     in_ch = 3
     for i, w in enumerate(widths):
         # batch norm keeps training from scratch stable at the NetVLAD input scale (0-255)

@@ -25,7 +25,13 @@ from ..data.manifest import Manifest
 from ..evaluation.pca import PCAWhitening
 from ..evaluation.runner import evaluate_splits, flat_metrics, render_examples
 from ..losses import sfrs_hard_loss, sfrs_soft_loss, tuple_loss
-from ..mining import NegativeCache, make_negative_sampler, mine_subset
+from ..mining import (
+    COLLAPSE_SIMILARITY,
+    NegativeCache,
+    make_negative_sampler,
+    mean_pair_similarity,
+    mine_subset,
+)
 from ..teacher import run_teacher_pass
 from ..tracking import Tracker, build_tracker, git_commit
 from .checkpoint import (
@@ -90,6 +96,7 @@ class Trainer:
         self.tracker: Tracker = build_tracker(self.rank, cfg.tracking.uri, cfg.tracking.experiment, self.run_dir)
         self.history: Dict[int, Dict] = {}
         self.resume_path: Optional[Path] = None
+        self._collapse_warned: set = set()
 
     # ------------------------------------------------------------------ job
     def run(self) -> Dict[int, Dict]:
@@ -232,6 +239,13 @@ class Trainer:
                           neg_cache, gen, rng, cfg.mining)
         tuples = res.tuples
         out = {"extract_s": t1 - t0, "mining_s": time.time() - t1}
+        out["desc_mean_sim"] = mean_pair_similarity(db_desc, np.random.default_rng(seed_for(cfg.train.seed, gen,
+                                                                                              epoch, s, 3)))
+        if out["desc_mean_sim"] > COLLAPSE_SIMILARITY and gen not in self._collapse_warned:
+            self._collapse_warned.add(gen)
+            log.warning("generation %d: descriptors are collapsing (mean cosine similarity %.3f between random "
+                        "database images, above %.2f); see docs/troubleshooting.md", gen, out["desc_mean_sim"],
+                        COLLAPSE_SIMILARITY)
         out.update({f"mining_{k}": v for k, v in asdict(res.timings).items()})
         return tuples, out
 
@@ -245,7 +259,8 @@ class Trainer:
         mine = [tuples[(i * self.world + self.rank) * cfg.train.batch_size + b]
                 for i in range(steps) for b in range(cfg.train.batch_size)]
         torch.manual_seed(seed_for(cfg.train.seed, gen, epoch, s, 2, self.rank))
-        ds = TupleImages(cfg.data.shards, self.train.q_keys, self.train.db_keys, mine, cfg.data.image_size)
+        ds = TupleImages(cfg.data.shards, self.train.q_keys, self.train.db_keys, mine, cfg.data.image_size,
+                         cfg.data.color_jitter)
         loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=False,
                                              num_workers=cfg.data.num_workers, collate_fn=collate_tuples)
         engine.train(True)

@@ -7,7 +7,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from ..data.random_access import ShardReader
-from ..data.transforms import train_transform
+from ..data.transforms import JITTER, train_transform
 
 
 class TupleImages(torch.utils.data.Dataset):
@@ -18,15 +18,16 @@ class TupleImages(torch.utils.data.Dataset):
         q_keys, db_keys: sample keys of the training split's queries and database images.
         tuples: mined ``TrainingTuple`` s (query, positive, negatives, difficult positives).
         image_size: (H, W) after the training transform (colour jitter + resize).
+        jitter: colour jitter (brightness, contrast, saturation, hue) of every tuple image.
     """
 
     def __init__(self, shard_dir: str, q_keys: Sequence[str], db_keys: Sequence[str], tuples: Sequence,
-                 image_size: Sequence[int]) -> None:
+                 image_size: Sequence[int], jitter: Sequence[float] = JITTER) -> None:
         self.shard_dir = str(shard_dir)
         self.q_keys = list(q_keys)
         self.db_keys = list(db_keys)
         self.tuples = list(tuples)
-        self.transform = train_transform(int(image_size[0]), int(image_size[1]))
+        self.transform = train_transform(int(image_size[0]), int(image_size[1]), jitter)
         self._reader = None
 
     def __len__(self) -> int:
