@@ -366,7 +366,7 @@ def test_state_fingerprint_tracks_weights():
     assert fp == state_fingerprint(a, "pitts30k", 64)
     assert fp != state_fingerprint(a, "pitts30k", 32)
     with torch.no_grad():
-        a[0].weight[0, 0, 0, 0] += 1e-3
+        a[1].weight[0, 0, 0, 0] += 1e-3  # the first convolution
     assert fp != state_fingerprint(a, "pitts30k", 64)
 
 

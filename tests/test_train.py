@@ -77,6 +77,7 @@ def test_ddp_two_generations_tracked_in_mlflow(ddp_job):
         for key in ("pitts30k_val/all/recall_1", "pitts30k_test/all/recall_5", "tokyo247_test/night/recall_1"):
             assert 0.0 <= m[key] <= 100.0
         assert m["loss_hard"] > 0 and m["mining_s"] >= 0
+        assert -1.0 <= m["desc_mean_sim"] < 0.999  # the descriptor health check is tracked
         assert child.data.params["train.generations"] == "2"
     gen1 = next(c for c in children if c.data.tags["generation"] == "1")
     assert gen1.data.metrics["loss_soft"] > 0 and gen1.data.metrics["teacher_pass_s"] > 0
