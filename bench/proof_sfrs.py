@@ -15,6 +15,7 @@ as the demo's training; a finished seed is reused on rerun (the job resumes).
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from sfrs_dist import teacher_cache as tc  # noqa: E402
+from sfrs_dist.config import load_config  # noqa: E402
+from sfrs_dist.data.manifest import Manifest  # noqa: E402
 from sfrs_dist.training.checkpoint import latest_checkpoint  # noqa: E402
 
 ROWS = [("pitts30k_test", "all"), ("tokyo247_test", "all"), ("tokyo247_test", "day"),
@@ -40,6 +44,18 @@ def run_seed(seed: int, nproc: int, shards: Path, out_root: Path, extra) -> dict
     subprocess.run(cmd, check=True, cwd=REPO)
     ck = torch.load(latest_checkpoint(out / "checkpoints"), map_location="cpu", weights_only=False)
     return ck["history"]
+
+
+def soft_label_stats(run_dir: Path, num_queries: int) -> dict:
+    """generation -> (mean teacher similarity, mean normalised entropy of its soft labels)."""
+    cfg = load_config(run_dir / "config.yaml")
+    out = {}
+    for done in sorted((run_dir / "cache").glob("teacher_*.done.json")):
+        info = json.loads(done.read_text())
+        gen = int(Path(info["teacher"]).name[len("generation"):][:2]) + 1
+        cache = tc.load_cache(run_dir / "cache", info["key"], num_queries)
+        out[gen] = (float(cache.sims.mean()), float(tc.soft_label_entropy(cache, cfg.temperature(gen)).mean()))
+    return out
 
 
 def main() -> None:
@@ -63,6 +79,14 @@ def main() -> None:
                         if sid in h[g]["test"] and cond in h[g]["test"][sid][0]]
                 cells.append(f"{np.mean(vals):8.1f} +-{np.std(vals):4.1f}" if vals else f"{'-':>16}")
             print(f"{sid:<16}{cond:<10}{n:>3}" + "".join(f"{c:>16}" for c in cells))
+    num_queries = len(Manifest.load(args.shards).split_data("pitts30k_train").queries)
+    stats = [soft_label_stats(args.out / f"seed{s}", num_queries) for s in args.seeds]
+    print("\nTeacher soft labels (all cached positives x 9 regions per training query), mean over seeds:")
+    for g in sorted(stats[0]):
+        sims = [st[g][0] for st in stats if g in st]
+        ents = [st[g][1] for st in stats if g in st]
+        print(f"  generation {g}: teacher similarity {np.mean(sims):.3f}, normalised entropy at tau_g "
+              f"{np.mean(ents):.3f} +- {np.std(ents):.3f} (1 = uniform, nothing to distil)")
 
 
 if __name__ == "__main__":

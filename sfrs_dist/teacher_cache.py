@@ -102,6 +102,26 @@ class TeacherCache:
         return True
 
 
+def soft_label_entropy(cache: TeacherCache, tau: float) -> np.ndarray:
+    """Per training query, the normalised entropy of its teacher soft labels at temperature ``tau``.
+
+    The softmax of ``sims / tau`` over all of the query's cached (positive, region) entries, its
+    entropy divided by the log of their number: 1 for uniform labels (nothing to distil), 0
+    for all mass on one region. Queries with fewer than two entries are left out.
+    """
+    if not tau > 0:
+        raise ValueError(f"tau must be positive; got {tau}")
+    out = []
+    for q in range(len(cache.offsets) - 1):
+        v = cache.sims[cache.offsets[q]:cache.offsets[q + 1]].astype(np.float64).ravel() / tau
+        if v.size < 2:
+            continue
+        p = np.exp(v - v.max())
+        p /= p.sum()
+        out.append(float(-(p * np.log(np.clip(p, 1e-300, None))).sum() / np.log(v.size)))
+    return np.asarray(out)
+
+
 def shard_file(cache_dir: Path, key: str, rank: int, world: int) -> Path:
     return Path(cache_dir) / f"teacher_{key}_rank{rank:03d}of{world:03d}.npz"
 

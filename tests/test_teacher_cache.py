@@ -48,3 +48,20 @@ def test_missing_entry_and_shard_named(tmp_path):
     tc.mark_done(tmp_path, "k2", 2, {})
     with pytest.raises(tc.TeacherCacheError, match="rank001of002"):
         tc.load_cache(tmp_path, "k2", len(positives))
+
+
+def test_soft_label_entropy_from_uniform_to_peaked():
+    # query 0: identical similarities (uniform labels); query 1: one region far above the rest;
+    # query 2: no positives (left out)
+    q = np.array([0, 0, 1, 1])
+    j = np.array([3, 4, 3, 4])
+    sims = np.full((4, 9), 0.5, dtype=np.float32)
+    sims[2, 4] = 1.5
+    cache = tc.TeacherCache.from_triplets(q, j, sims, num_queries=3, key="k")
+    ent = tc.soft_label_entropy(cache, tau=0.07)
+    assert ent.shape == (2,) and ent[0] == pytest.approx(1.0)
+    assert ent[1] < 0.05
+    # a higher temperature flattens the labels
+    assert tc.soft_label_entropy(cache, tau=1.0)[1] > ent[1]
+    with pytest.raises(ValueError, match="tau"):
+        tc.soft_label_entropy(cache, tau=0.0)
