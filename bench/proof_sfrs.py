@@ -46,9 +46,10 @@ def run_seed(seed: int, nproc: int, shards: Path, out_root: Path, extra) -> dict
     return ck["history"]
 
 
-def soft_label_stats(run_dir: Path, num_queries: int) -> dict:
+def soft_label_stats(run_dir: Path, shards: Path) -> dict:
     """generation -> (mean teacher similarity, mean normalised entropy of its soft labels)."""
     cfg = load_config(run_dir / "config.yaml")
+    num_queries = len(Manifest.load(shards).split_data(cfg.data.train_set).queries)
     out = {}
     for done in sorted((run_dir / "cache").glob("teacher_*.done.json")):
         info = json.loads(done.read_text())
@@ -79,8 +80,7 @@ def main() -> None:
                         if sid in h[g]["test"] and cond in h[g]["test"][sid][0]]
                 cells.append(f"{np.mean(vals):8.1f} +-{np.std(vals):4.1f}" if vals else f"{'-':>16}")
             print(f"{sid:<16}{cond:<10}{n:>3}" + "".join(f"{c:>16}" for c in cells))
-    num_queries = len(Manifest.load(args.shards).split_data("pitts30k_train").queries)
-    stats = [soft_label_stats(args.out / f"seed{s}", num_queries) for s in args.seeds]
+    stats = [soft_label_stats(args.out / f"seed{s}", args.shards) for s in args.seeds]
     print("\nTeacher soft labels (all cached positives x 9 regions per training query), mean over seeds:")
     for g in sorted(stats[0]):
         sims = [st[g][0] for st in stats if g in st]
