@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
+
+from .distributed import launch_rank
 
 
 class ConfigError(ValueError):
@@ -386,8 +389,6 @@ def load_config_for_launch(path: Optional[str | Path], overrides: Sequence[str] 
     try:
         return load_config(path, overrides)
     except ConfigError as exc:
-        if int(os.environ.get("RANK", "0")) == 0:
-            import sys
-
+        if launch_rank() == 0:
             print(f"config error: {exc}", file=sys.stderr)
         return None
