@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sfrs_dist.config import MiningConfig
-from sfrs_dist.mining.knn import self_topk
+from sfrs_dist.mining.knn import self_farthest, self_topk
 from sfrs_dist.mining.rerank import half_k, reciprocal_sets, rerank_dense_reference, rerank_pair_distances
 from sfrs_dist.mining.tuples import (
     COLLAPSE_SIMILARITY,
@@ -52,20 +52,104 @@ def test_sparse_rerank_equals_dense_reference(k2):
     # the pairs mining needs (items and their near neighbours) plus random far pairs
     a = np.concatenate([np.repeat(np.arange(n), 20), rng.integers(0, n, 300)])
     b = np.concatenate([ids[:, 1:21].reshape(-1), rng.integers(0, n, 300)])
-    final, original = rerank_pair_distances(x, ids, scores, a, b, k1=20, k2=k2, lam=0.1)
+    farthest = self_farthest(x)
+    np.testing.assert_allclose(farthest, (x @ x.T).min(1), atol=1e-6)
+    final, original = rerank_pair_distances(x, ids, scores, farthest, a, b, k1=20, k2=k2, lam=0.1)
     dense = rerank_dense_reference(x, k1=20, k2=k2, lam=0.1)
     np.testing.assert_allclose(final, dense[a, b], atol=2e-6)
-    np.testing.assert_allclose(original, 2 - 2 * (x[a] * x[b]).sum(1), atol=1e-5)
+    base = (2 - 2 * (x.astype(np.float64) @ x.T)) ** 2
+    np.testing.assert_allclose(original, base[a, b] / base[a].max(1), atol=1e-5)
     jaccard = (final - 0.1 * original) / 0.9
     assert (jaccard < 0.9).mean() > 0.3  # the neighbour pairs really share reciprocal sets
     assert (jaccard > 0.999).any()
+
+
+def transcribed_difficult_positives(x: np.ndarray, nq: int, train_pos, k1=20, lam=0.1, n_cand=20, keep=10,
+                                    reference=True):
+    """The re-ranking and the rank-rise rule written out from their description, item by item.
+
+    ``reference``: base distance (2 - 2 cos)^2 divided by each row's maximum, expansion when the
+    overlap is strictly more than 2/3; otherwise the plain distance 2 - 2 cos and >= 2/3.
+    """
+    n = len(x)
+    cos = x.astype(np.float64) @ x.astype(np.float64).T
+    dist = (2 - 2 * cos) ** 2 if reference else 2 - 2 * cos
+    if reference:
+        dist = dist / dist.max(axis=1, keepdims=True)
+    lists = [sorted(range(n), key=lambda j, i=i: (-cos[i, j], j)) for i in range(n)]
+
+    def recip(p, k):
+        return {j for j in lists[p][: k + 1] if p in lists[j][: k + 1]}
+
+    kh = int(np.round(k1 / 2))
+    vec = {}
+
+    def v_of(p):
+        if p not in vec:
+            r = recip(p, k1)
+            star = set(r)
+            for c in r:
+                rc = recip(c, kh)
+                overlap = len(rc & r)
+                if (3 * overlap > 2 * len(rc)) if reference else (3 * overlap >= 2 * len(rc)):
+                    star |= rc
+            w = {j: np.exp(-dist[p, j]) for j in star}
+            z = sum(w.values())
+            vec[p] = {j: v / z for j, v in w.items()}
+        return vec[p]
+
+    out = []
+    for q in range(nq):
+        cands = sorted(train_pos[q], key=lambda g: (-cos[q, nq + g], g))[:n_cand]
+        vq = v_of(q)
+        final = []
+        for g in cands:
+            vg = v_of(nq + g)
+            keys = set(vq) | set(vg)
+            mins = sum(min(vq.get(j, 0.0), vg.get(j, 0.0)) for j in keys)
+            maxs = sum(max(vq.get(j, 0.0), vg.get(j, 0.0)) for j in keys)
+            final.append((1 - lam) * (1 - mins / maxs) + lam * dist[q, nq + g])
+        new_rank = {g: r for r, g in enumerate(sorted(cands, key=lambda g: (final[cands.index(g)], cands.index(g))))}
+        rises = [(cands.index(g) - new_rank[g], g) for g in cands]
+        up = sorted([(-rise, new_rank[g], g) for rise, g in rises if rise > 0])
+        same = sorted([(new_rank[g], g) for rise, g in rises if rise == 0])
+        out.append([g for *_, g in up] + [g for _, g in same])
+        out[-1] = out[-1][:keep]
+    return out
+
+
+def test_sparse_difficult_positives_equal_a_dense_transcription():
+    """240 queries and 960 database images in clusters: identical difficult-positive lists."""
+    rng = np.random.default_rng(7)
+    n_places, dim = 60, 32
+    centres = rng.standard_normal((n_places, dim))
+    db_place = np.repeat(np.arange(n_places), 16)
+    q_place = np.repeat(np.arange(n_places), 4)
+    x = np.concatenate([centres[q_place], centres[db_place]])
+    x = x + 0.9 * rng.standard_normal(x.shape)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    nq = len(q_place)
+    # training positives: the views of the query's place and of the next place
+    train_pos = [np.flatnonzero((db_place == p) | (db_place == (p + 1) % n_places)) for p in q_place]
+    cfg = MiningConfig(neg_pool=50, num_negatives=5)
+    sample = make_negative_sampler(len(db_place), train_pos)
+    res = mine_subset(np.arange(nq), x, nq, train_pos, sample, NegativeCache(nq, 5), 1,
+                      np.random.default_rng(0), cfg)
+    sparse = [t.difficult_positives.tolist() for t in res.tuples]
+    expect = transcribed_difficult_positives(x, nq, train_pos)
+    assert sparse == expect
+    # the lists are not just the nearest positives, and the old definition would differ
+    nearest = [sorted(p, key=lambda g: -float(x[q] @ x[nq + g]))[:10] for q, p in enumerate(train_pos)]
+    assert sum(s != n for s, n in zip(sparse, nearest)) > nq // 2
+    plain = transcribed_difficult_positives(x, nq, train_pos, reference=False)
+    assert sum(s != p for s, p in zip(sparse, plain)) > nq // 10
 
 
 def test_rerank_rejects_short_knn_lists():
     x, _ = clustered(5, 6, 8, 0.5, seed=3)
     scores, ids = self_topk(x, 5)
     with pytest.raises(ValueError, match="k1 \\+ 1"):
-        rerank_pair_distances(x, ids, scores, np.array([0]), np.array([1]), k1=20)
+        rerank_pair_distances(x, ids, scores, self_farthest(x), np.array([0]), np.array([1]), k1=20)
 
 
 # ---------------------------------------------------------------- selection rules

@@ -4,6 +4,7 @@ from sfrs_dist.mining.knn import (
                                   gather_inner_products,
                                   merge_topk,
                                   pair_inner_products,
+                                  self_farthest,
                                   self_topk,
                                   shard_range,
                                   sharded_topk,
@@ -11,10 +12,12 @@ from sfrs_dist.mining.knn import (
 from sfrs_dist.mining.rerank import rerank_dense_reference, rerank_pair_distances
 from sfrs_dist.mining.tuples import (
                                   COLLAPSE_SIMILARITY,
+                                  KnnGraph,
                                   MiningResult,
                                   MiningTimings,
                                   NegativeCache,
                                   TrainingTuple,
+                                  build_knn_graph,
                                   make_negative_sampler,
                                   mean_pair_similarity,
                                   mine_subset,
@@ -24,9 +27,9 @@ from sfrs_dist.mining.tuples import (
 )
 
 __all__ = [
-    "gather_inner_products", "merge_topk", "pair_inner_products", "self_topk", "shard_range", "sharded_topk",
+    "gather_inner_products", "merge_topk", "pair_inner_products", "self_farthest", "self_topk", "shard_range", "sharded_topk",
     "rerank_dense_reference", "rerank_pair_distances",
-    "COLLAPSE_SIMILARITY", "MiningResult", "MiningTimings", "NegativeCache", "TrainingTuple", "make_negative_sampler",
+    "COLLAPSE_SIMILARITY", "KnnGraph", "MiningResult", "MiningTimings", "NegativeCache", "TrainingTuple", "build_knn_graph", "make_negative_sampler",
     "mean_pair_similarity", "mine_subset",
     "select_difficult_positives", "select_easiest_positive", "select_hard_negatives",
 ]

@@ -382,3 +382,20 @@ def self_topk(feats: np.ndarray, k: int, bf16: bool = False,
     _, cand = merge_topk(gathered, kk) if world > 1 else sort_topk(s, i, kk)
     exact = _rescore_symmetric(feats, cand, rank, world)
     return sort_topk(exact, cand, k)
+
+
+def self_farthest(feats: np.ndarray, bf16: bool = False) -> np.ndarray:
+    """Every row's smallest inner product over all rows of ``feats`` (its farthest item).
+
+    A top-1 search of the negated descriptors through ``sharded_topk`` (each rank indexes
+    its contiguous share of rows); the re-ranking's per-row distance maximum
+    (``rerank.row_maxima``) comes from it without an N x N matrix. Returns ``(N,)`` float32,
+    identical on every rank.
+    """
+    feats = _as_f32(feats, "feats")
+    n = feats.shape[0]
+    if n == 0:
+        raise ValueError("self_farthest: no items")
+    start, end = shard_range(n, get_rank(), get_world_size())
+    scores, _ = sharded_topk(feats[start:end], start, -feats, 1, bf16=bf16)
+    return -scores[:, 0]

@@ -1,26 +1,31 @@
 """k-reciprocal re-ranking (Zhong et al., CVPR 2017) from sparse kNN lists.
 
 Items are the union of training queries and database images (N of them), each an
-L2-normalised descriptor ``x_i``. Definitions used here and by the dense reference:
+L2-normalised descriptor ``x_i``. Definitions, those of the reference implementation's
+``re_ranking`` (which is fed squared Euclidean distances of unit descriptors and squares
+them again), used here and by the dense reference:
 
-- **original distance** ``d(i, j) = 2 - 2 <x_i, x_j>``, i.e. the squared Euclidean distance
-  between the L2-normalised descriptors, in [0, 4]. Unlike the published code, it is not
-  divided by a per-column maximum (that needs a dense matrix);
+- **base distance** ``d(i, j) = (2 - 2 <x_i, x_j>)^2``;
+- **row-normalised distance** ``d'(i, j) = d(i, j) / m_i`` with ``m_i = max_j' d(i, j')``
+  over all N items, i.e. ``m_i = (2 - 2 min_j' <x_i, x_j'>)^2``: the farthest item of each
+  row, a top-1 search on negated descriptors (``knn.self_farthest``), no dense matrix;
 - ``N(p, k)``: the first ``k + 1`` entries of ``p``'s neighbour list sorted by ascending
-  ``d`` with ties by smaller index (``p`` itself is normally the first);
+  distance with ties by smaller index (``p`` itself is normally the first); squaring and
+  the per-row scale do not change that order, so it is the inner-product kNN list;
 - ``R(p, k) = {j in N(p, k) : p in N(j, k)}`` (k-reciprocal set);
 - ``R*(p) = R(p, k1)`` united with ``R(c, round(k1 / 2))`` for every ``c in R(p, k1)`` with
-  ``|R(c, k1/2) & R(p, k1)| >= 2/3 |R(c, k1/2)|``;
-- ``V_p[j] = exp(-d(p, j)) / sum_{j' in R*(p)} exp(-d(p, j'))`` for ``j in R*(p)``, else 0;
+  ``|R(c, k1/2) & R(p, k1)| > 2/3 |R(c, k1/2)|`` (strictly more);
+- ``V_p[j] = exp(-d'(p, j)) / sum_{j' in R*(p)} exp(-d'(p, j'))`` for ``j in R*(p)``, else 0;
 - local query expansion: ``V_p <- mean(V_j for j in the first k2 entries of p's list)``
   (``k2 = 1`` leaves ``V`` unchanged);
 - Jaccard distance ``dJ(p, g) = 1 - sum_j min(V_p, V_g) / sum_j max(V_p, V_g)``;
-- re-ranked distance ``(1 - lambda) * dJ(p, g) + lambda * d(p, g)``.
+- re-ranked distance ``(1 - lambda) * dJ(p, g) + lambda * d'(p, g)``.
 
 The sparse version needs each item's first ``k1 + 1`` neighbours with inner products
-(e.g. from ``knn.self_topk``); distances of expansion members that fall outside ``p``'s
-list are computed exactly from the descriptors of just those pairs. Only the vectors of
-the items named in the requested pairs are built; nothing is N x N dense.
+(e.g. from ``knn.self_topk``) and each item's smallest inner product (its farthest item);
+distances of expansion members that fall outside ``p``'s list are computed exactly from
+the descriptors of just those pairs. Only the vectors of the items named in the requested
+pairs are built; nothing is N x N dense.
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ def expanded_reciprocal_sets(knn_ids: np.ndarray, rows: np.ndarray, k1: int) -> 
     hc = h[c]
     size = np.diff(hc.indptr)
     overlap = np.asarray(rp[pi].multiply(hc).sum(axis=1)).reshape(-1)
-    accept = 3 * overlap >= 2 * size
+    accept = 3 * overlap > 2 * size
     sel = sp.csr_matrix((np.ones(int(accept.sum()), dtype=np.int32), (pi[accept], c[accept])),
                         shape=(len(rows), n))
     star = (rp.astype(np.int32) + sel @ h.astype(np.int32)).tocsr()
@@ -79,9 +84,22 @@ def expanded_reciprocal_sets(knn_ids: np.ndarray, rows: np.ndarray, k1: int) -> 
     return star
 
 
+def base_distance(dots: np.ndarray) -> np.ndarray:
+    """The reference's base distance ``(2 - 2 <x_i, x_j>)^2`` of unit descriptors (float64)."""
+    return np.square(2.0 - 2.0 * np.asarray(dots, dtype=np.float64))
+
+
+def row_maxima(min_dots: np.ndarray) -> np.ndarray:
+    """``m_i = max_j d(i, j)`` from each item's smallest inner product; never 0."""
+    return np.maximum(base_distance(min_dots), np.finfo(np.float64).tiny)
+
+
 def reciprocal_vectors(feats: np.ndarray, knn_ids: np.ndarray, knn_scores: np.ndarray,
-                       rows: np.ndarray, k1: int) -> sp.csr_matrix:
-    """Gaussian-kernel vectors ``V_p`` (rows sum to 1) of ``rows`` as a ``(len(rows), N)`` CSR."""
+                       rows: np.ndarray, k1: int, row_max: np.ndarray) -> sp.csr_matrix:
+    """Gaussian-kernel vectors ``V_p`` (rows sum to 1) of ``rows`` as a ``(len(rows), N)`` CSR.
+
+    ``row_max``: ``m_p`` of every item (``row_maxima``), the per-row scale of ``d'``.
+    """
     n = knn_ids.shape[0]
     star = expanded_reciprocal_sets(knn_ids, rows, k1)
     ri, j = star.nonzero()
@@ -98,7 +116,7 @@ def reciprocal_vectors(feats: np.ndarray, knn_ids: np.ndarray, knn_scores: np.nd
     dots[found] = kscores[pos[found]]
     if (~found).any():
         dots[~found] = pair_inner_products(feats, p[~found], j[~found])
-    w = np.exp(-(2.0 - 2.0 * dots))
+    w = np.exp(-base_distance(dots) / row_max[p])
     v = sp.csr_matrix((w, (ri, j)), shape=(len(rows), n))
     sums = np.asarray(v.sum(axis=1)).reshape(-1)
     return sp.diags(1.0 / sums) @ v
@@ -125,7 +143,7 @@ def jaccard_rows(va: sp.csr_matrix, vb: sp.csr_matrix) -> np.ndarray:
 
 
 def rerank_pair_distances(feats: np.ndarray, knn_ids: np.ndarray, knn_scores: np.ndarray,
-                          a: np.ndarray, b: np.ndarray, k1: int = 20, k2: int = 1,
+                          min_dots: np.ndarray, a: np.ndarray, b: np.ndarray, k1: int = 20, k2: int = 1,
                           lam: float = 0.1) -> Tuple[np.ndarray, np.ndarray]:
     """Re-ranked and original distances of the item pairs ``(a[i], b[i])``.
 
@@ -133,10 +151,13 @@ def rerank_pair_distances(feats: np.ndarray, knn_ids: np.ndarray, knn_scores: np
         feats: ``(N, d)`` L2-normalised descriptors of all items.
         knn_ids, knn_scores: every item's neighbour list, ``(N, K)`` with ``K >= max(k1 + 1,
             k2)``, sorted by descending inner product (ties by smaller id), self included.
+        min_dots: ``(N,)`` every item's smallest inner product over all N items (its
+            farthest item, ``knn.self_farthest``); gives the row maxima ``m_i``.
         a, b: item indices of the pairs wanted.
 
     Returns:
-        ``(final, original)`` distances, float64 arrays of ``len(a)``.
+        ``(final, original)``: re-ranked distances and the row-normalised base distances
+        ``d'(a, b)``, float64 arrays of ``len(a)``.
     """
     a = np.asarray(a, dtype=np.int64)
     b = np.asarray(b, dtype=np.int64)
@@ -146,12 +167,16 @@ def rerank_pair_distances(feats: np.ndarray, knn_ids: np.ndarray, knn_scores: np
     if k2 < 1 or knn_ids.shape[1] < k2:
         raise ValueError(f"k2 must lie in [1, {knn_ids.shape[1]}], got {k2}")
     _check_knn(knn_ids, k1)
-    original = 2.0 - 2.0 * pair_inner_products(feats, a, b).astype(np.float64)
+    min_dots = np.asarray(min_dots, dtype=np.float64).reshape(-1)
+    if min_dots.shape[0] != feats.shape[0]:
+        raise ValueError(f"min_dots has {min_dots.shape[0]} entries for {feats.shape[0]} items")
+    row_max = row_maxima(min_dots)
+    original = base_distance(pair_inner_products(feats, a, b)) / row_max[a]
     if len(a) == 0:
         return original, original
     rows = np.unique(np.concatenate([a, b]))
     v_items = rows if k2 == 1 else np.unique(np.concatenate([rows, knn_ids[rows, :k2].reshape(-1)]))
-    v = reciprocal_vectors(feats, knn_ids, knn_scores, v_items, k1)
+    v = reciprocal_vectors(feats, knn_ids, knn_scores, v_items, k1, row_max)
     row_pos = {int(r): i for i, r in enumerate(v_items)}
     vq = query_expansion(v, row_pos, knn_ids, rows, k2)
     ia = np.searchsorted(rows, a)
@@ -163,18 +188,20 @@ def rerank_pair_distances(feats: np.ndarray, knn_ids: np.ndarray, knn_scores: np
 def rerank_dense_reference(all_feats: np.ndarray, k1: int = 20, k2: int = 1, lam: float = 0.1) -> np.ndarray:
     """The classic full-matrix re-ranking over all N items; returns the ``(N, N)`` distances.
 
-    Dense ``N x N`` original distances, full argsort, a Python loop building each
-    k-reciprocal expansion, dense ``V`` and an inverted-index Jaccard pass. Used by tests
-    and the benchmark as the reference; memory and time grow as ``N^2``.
+    The reference's definition (module docstring): dense ``N x N`` base distances
+    ``(2 - 2 cos)^2``, each row divided by its maximum, full argsort, a Python loop building
+    each k-reciprocal expansion, dense ``V`` and an inverted-index Jaccard pass. Used by
+    tests and the benchmark as the reference; memory and time grow as ``N^2``.
     """
     x = np.ascontiguousarray(all_feats, dtype=np.float32)
     n = x.shape[0]
-    dist = x @ x.T
-    dist *= -2.0
-    dist += 2.0
-    rank = np.argsort(dist, axis=1, kind="stable")[:, : k1 + 1].astype(np.int32)
+    dots = x @ x.T
+    dist = np.square(2.0 - 2.0 * dots.astype(np.float64))
+    dist /= np.maximum(dist.max(axis=1, keepdims=True), np.finfo(np.float64).tiny)
+    # neighbour lists by descending inner product, ties by smaller index (the order of d')
+    rank = np.lexsort((np.broadcast_to(np.arange(n), (n, n)), -dots), axis=-1)[:, : k1 + 1].astype(np.int32)
     kh = half_k(k1)
-    v = np.zeros((n, n), dtype=np.float32)
+    v = np.zeros((n, n), dtype=np.float64)
     for i in range(n):
         forward = rank[i, : k1 + 1]
         backward = rank[forward, : k1 + 1]
@@ -184,10 +211,10 @@ def rerank_dense_reference(all_feats: np.ndarray, k1: int = 20, k2: int = 1, lam
             c_forward = rank[c, : kh + 1]
             c_backward = rank[c_forward, : kh + 1]
             c_r = c_forward[np.any(c_backward == c, axis=1)]
-            if 3 * len(np.intersect1d(c_r, r)) >= 2 * len(c_r):
+            if 3 * len(np.intersect1d(c_r, r)) > 2 * len(c_r):
                 expansion = np.append(expansion, c_r)
         expansion = np.unique(expansion)
-        w = np.exp(-dist[i, expansion].astype(np.float64))
+        w = np.exp(-dist[i, expansion])
         v[i, expansion] = w / w.sum()
     if k2 != 1:
         v_qe = np.zeros_like(v)
@@ -198,14 +225,11 @@ def rerank_dense_reference(all_feats: np.ndarray, k1: int = 20, k2: int = 1, lam
     by_col = np.argsort(nz_cols, kind="stable")
     col_starts = np.searchsorted(nz_cols[by_col], np.arange(n + 1))
     inv_index = [nz_rows[by_col[col_starts[j]:col_starts[j + 1]]] for j in range(n)]
-    jaccard = np.zeros((n, n), dtype=np.float32)
+    jaccard = np.zeros((n, n), dtype=np.float64)
     for i in range(n):
         temp_min = np.zeros(n, dtype=np.float64)
         for j in np.nonzero(v[i])[0]:
             imgs = inv_index[j]
             temp_min[imgs] += np.minimum(v[i, j], v[imgs, j])
         jaccard[i] = 1.0 - temp_min / (2.0 - temp_min)
-    jaccard *= 1.0 - lam
-    dist *= lam
-    jaccard += dist
-    return jaccard
+    return (1.0 - lam) * jaccard + lam * dist

@@ -16,13 +16,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from sfrs_dist.config import MiningConfig
 from sfrs_dist.distributed import all_gather_object, get_rank, get_world_size
-from sfrs_dist.mining.knn import pair_inner_products, self_topk, shard_range
+from sfrs_dist.mining.knn import pair_inner_products, self_farthest, self_topk, shard_range
 from sfrs_dist.mining.rerank import rerank_pair_distances
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,23 @@ NegPoolFn = Callable[[int, np.random.Generator, int], np.ndarray]
 
 _DENSE_BLOCK_FACTOR = 30
 _COLUMN_CHUNK_BYTES = 64 << 20
+
+
+class KnnGraph(NamedTuple):
+    """What the re-ranking needs of all N items: kNN lists and each item's farthest score."""
+
+    scores: np.ndarray
+    """``(N, K)`` inner products of each item's K nearest items, descending, self included."""
+    ids: np.ndarray
+    """``(N, K)`` their item ids (ties by smaller id)."""
+    farthest: np.ndarray
+    """``(N,)`` each item's smallest inner product over all N items (the row maxima)."""
+
+
+def build_knn_graph(feats: np.ndarray, cfg: MiningConfig) -> KnnGraph:
+    """kNN lists (``max(k1 + 1, k2)`` columns) and farthest scores, computed across ranks."""
+    scores, ids = self_topk(feats, max(cfg.k1 + 1, cfg.k2), bf16=cfg.bf16_search)
+    return KnnGraph(scores, ids, self_farthest(feats, bf16=cfg.bf16_search))
 
 
 @dataclass(frozen=True)
@@ -220,7 +237,7 @@ def candidate_scores(feats: np.ndarray, q_rows: np.ndarray, cand_rows: List[np.n
 
 
 def _select_share(query_ids: np.ndarray, feats: np.ndarray, num_queries: int, train_pos: Sequence[np.ndarray],
-                  neg_cands: List[np.ndarray], knn: Optional[Tuple[np.ndarray, np.ndarray]],
+                  neg_cands: List[np.ndarray], knn: Optional[KnnGraph],
                   generation: int, cfg: MiningConfig, timings: MiningTimings) -> List[TrainingTuple]:
     t0 = time.perf_counter()
     q_rows = np.asarray(query_ids, dtype=np.int64)
@@ -236,7 +253,8 @@ def _select_share(query_ids: np.ndarray, feats: np.ndarray, num_queries: int, tr
         assert knn is not None
         a = np.repeat(q_rows, [len(n) for n in near])
         b = np.concatenate(near) + num_queries
-        final, _ = rerank_pair_distances(feats, knn[1], knn[0], a, b, cfg.k1, cfg.k2, cfg.lam)
+        final, _ = rerank_pair_distances(feats, knn.ids, knn.scores, knn.farthest, a, b, cfg.k1, cfg.k2,
+                                         cfg.lam)
         reranked = np.split(final, np.cumsum([len(n) for n in near])[:-1])
     timings.rerank_s += time.perf_counter() - t0
 
@@ -258,7 +276,7 @@ def _select_share(query_ids: np.ndarray, feats: np.ndarray, num_queries: int, tr
 def mine_subset(query_ids: Sequence[int], feats: np.ndarray, num_queries: int,
                 train_pos: Sequence[np.ndarray], neg_pool_fn: NegPoolFn, neg_cache: NegativeCache,
                 generation: int, rng: np.random.Generator, cfg: MiningConfig,
-                knn: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> MiningResult:
+                knn: Optional[KnnGraph] = None) -> MiningResult:
     """Mine the tuples of one cache subset; called once before training on that subset.
 
     Args:
@@ -272,8 +290,8 @@ def mine_subset(query_ids: Sequence[int], feats: np.ndarray, num_queries: int,
         generation: re-ranked difficult positives are mined from generation 1 on.
         rng: draws the random negative pools; must be in the same state on every rank.
         cfg: sizes (pool, negatives, difficult candidates/kept, k1, k2, lambda, bf16 search).
-        knn: optional precomputed ``(scores, ids)`` kNN graph of ``feats``
-            (``k1 + 1`` columns or more); computed with ``self_topk`` when needed.
+        knn: optional precomputed ``KnnGraph`` of ``feats`` (``k1 + 1`` columns or more);
+            computed with ``build_knn_graph`` when needed.
 
     Returns:
         The tuples (same list on every rank, in ``query_ids`` order) and timings.
@@ -296,8 +314,7 @@ def mine_subset(query_ids: Sequence[int], feats: np.ndarray, num_queries: int,
 
     if generation >= 1 and knn is None:
         t0 = time.perf_counter()
-        k = max(cfg.k1 + 1, cfg.k2)
-        knn = self_topk(feats, k, bf16=cfg.bf16_search)
+        knn = build_knn_graph(feats, cfg)
         timings.search_s += time.perf_counter() - t0
 
     start, end = shard_range(len(ids), get_rank(), get_world_size())
