@@ -39,10 +39,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     log.info("command: %s", " ".join(sys.argv))
     log.info("world size %d, backend %s, device %s", info.world_size, info.backend, info.device)
     try:
-        history = Trainer(cfg, info.device).run()
+        trainer = Trainer(cfg, info.device)
+        history = trainer.run()
         if du.is_main_process():
             print("\nRecall@N on the test sets, per generation (generation 0 = SARE baseline):")
-            print(generation_table(history, [n for n in cfg.eval.recall_ns if n <= 10]))
+            print(generation_table(history, [n for n in cfg.eval.recall_ns if n <= 10], trainer.selected))
             uri = cfg.tracking.uri or default_tracking_uri(Path(cfg.run.out_dir))
             print(f"\nCompare generations in MLflow:  mlflow ui --backend-store-uri {uri}  "
                   "(then open http://127.0.0.1:5000)")

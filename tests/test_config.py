@@ -98,3 +98,12 @@ def test_train_refuses_to_resume_another_job_before_starting(tmp_path):
     assert "train.lr: 0.5 -> " in proc.stderr and str(run) in proc.stderr
     assert proc.stderr.count("config error") == 1
     assert (run / "config.yaml").read_bytes() == before and ckpt.read_bytes() == b"earlier job"
+
+
+def test_triplet_hinge_margin_is_the_square_root_as_in_the_reference():
+    from sfrs_dist.config import LossConfig
+
+    assert LossConfig(margin=0.1).hinge_margin == pytest.approx(0.31623, abs=1e-5)
+    assert LossConfig(margin=0.0).hinge_margin == 0.0
+    with pytest.raises(ConfigError, match="loss.margin"):
+        LossConfig(margin=-0.1)

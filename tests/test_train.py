@@ -85,6 +85,22 @@ def test_ddp_two_generations_tracked_in_mlflow(ddp_job):
     ck = final_state(ddp_job)
     assert ck["state"]["generation"] == 2
     assert ck["state"]["total_steps"] == sum(ck["history"][g]["steps"] for g in (0, 1)) > 0
+    # the reference's reported network: best validation R@5 over all generations, on the parent run
+    best = max((ck["history"][g]["best_val_r5"], -g) for g in (0, 1))
+    sel = ck["selected"]
+    assert sel["generation"] == -best[1] and sel["val_recall5"] == best[0]
+    # one epoch per generation: the best network is that generation's final one (same PCA seed),
+    # evaluated again after loading: recalls agree up to near-ties of a barely trained network
+    for sid, (table, counts) in ck["history"][sel["generation"]]["test"].items():
+        for cond, row in table.items():
+            for n, v in row.items():
+                assert abs(sel["test"][sid][0][cond][n] - v) <= 2.0 / counts[cond] + 1e-9, (sid, cond, n)
+    pm = parents[0].data.metrics
+    assert pm["selected/generation"] == sel["generation"]
+    assert pm["selected/pitts30k_test/all/recall_5"] == pytest.approx(
+        100 * sel["test"]["pitts30k_test"][0]["all"][5])
+    # hard negatives are carried across generations (the reference's per-query cache)
+    assert (ck["negatives"]["ids"] >= 0).any()
 
 
 def test_teacher_rerun_reuses_cache(ddp_job, tmp_path):

@@ -4,33 +4,53 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import List
 
+import numpy as np
 import torch
 
 from .. import distributed as du
 from ..config import Config
 from ..data.manifest import Manifest
+from ..data.random_access import ShardReader
+from ..data.transforms import make_transform
+from ..mining.knn import shard_range
 from ..models import SFRSNet, build_model, load_or_compute_init, sample_local_descriptors, state_fingerprint
 from ..models.netvlad import kmeans_init
-from .passes import eval_mode, pass_loader
+from .passes import eval_mode
 
 log = logging.getLogger(__name__)
 
 
+def init_image_keys(manifest: Manifest, sid: str, count: int, seed: int) -> List[str]:
+    """``count`` keys drawn at random (seeded) from the split's training queries and database.
+
+    The reference clusters descriptors of images drawn at random from both sets; the same
+    list on every rank, in draw order.
+    """
+    split = manifest.split_data(sid)
+    keys = [r.key for r in split.queries] + [r.key for r in split.database]
+    if not keys:
+        raise ValueError(f"split {sid}: no images to initialise NetVLAD from")
+    rng = np.random.default_rng(seed)
+    return [keys[i] for i in rng.choice(len(keys), size=min(count, len(keys)), replace=False)]
+
+
 def _sample_descriptors(net: SFRSNet, cfg: Config, manifest: Manifest, sid: str, device: torch.device) -> torch.Tensor:
-    """Local descriptors from this rank's share of the training database images."""
-    want_images = max(1, cfg.model.init_images // du.get_world_size())
-    per_image = max(1, cfg.model.init_descriptors // max(1, cfg.model.init_images))
+    """Local descriptors of this rank's share of the randomly drawn initialisation images."""
+    keys = init_image_keys(manifest, sid, cfg.model.init_images, cfg.train.seed)
+    start, end = shard_range(len(keys), du.get_rank(), du.get_world_size())
+    per_image = max(1, cfg.model.init_descriptors // len(keys))
     gen = torch.Generator().manual_seed(cfg.train.seed + du.get_rank())
-    loader = pass_loader(manifest, sid, "db", cfg.data, num_workers=0)  # stops early: no workers to spin up
-    out, seen = [], 0
+    reader = ShardReader(manifest.root, manifest)
+    h, w = (int(v) for v in cfg.data.image_size)
+    transform = make_transform("test", h, w)
+    out = []
+    bs = cfg.data.extract_batch_size
     with eval_mode(net), torch.no_grad():
-        for batch in loader:
-            images = batch["image"][: want_images - seen].to(device)
-            out.append(sample_local_descriptors(net.backbone, images, per_image, generator=gen).cpu())
-            seen += images.shape[0]
-            if seen >= want_images:
-                break
+        for b0 in range(start, end, bs):
+            images = torch.stack([transform(reader.get(k)[0]) for k in keys[b0:min(end, b0 + bs)]]).to(device)
+            out.append(sample_local_descriptors(net.features, images, per_image, generator=gen).cpu())
     dim = net.netvlad.dim
     return torch.cat(out) if out else torch.zeros(0, dim)
 
@@ -45,9 +65,10 @@ def build_student(cfg: Config, manifest: Manifest, sid: str, cache_dir: Path, de
     m = cfg.model
     torch.manual_seed(cfg.train.seed)
     net = build_model(m.backbone, weights=m.weights, num_clusters=m.num_clusters, trainable=m.trainable,
-                      layer=m.layer, checkpointing=m.grad_checkpointing).to(device)
+                      layer=m.layer, checkpointing=m.grad_checkpointing, input_norm=m.input_norm).to(device)
     fingerprint = state_fingerprint(net.backbone, m.num_clusters, cfg.train.seed, manifest.source,
-                                    sid, tuple(cfg.data.image_size), m.init_descriptors, m.init_images)
+                                    sid, tuple(cfg.data.image_size), m.init_descriptors, m.init_images,
+                                    "random queries+database")
     path = Path(cache_dir) / f"netvlad_init_{fingerprint[:16]}.pt"
     descs = None
     if du.broadcast_object(not path.is_file()):  # rank 0 decides: the cache may live on its node only

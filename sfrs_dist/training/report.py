@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 
-def generation_table(history: Dict[int, Dict], ns: Sequence[int] = (1, 5, 10)) -> str:
-    """One row per (generation, test set, condition), recalls in percent."""
+def generation_table(history: Dict[int, Dict], ns: Sequence[int] = (1, 5, 10),
+                     selected: Optional[Dict] = None) -> str:
+    """One row per (generation, test set, condition), recalls in percent.
+
+    ``selected`` (the trainer's best-by-validation network) adds rows labelled ``sel``
+    below, as the reference reports it: the best validation Recall@5 over all generations
+    and epochs, PCA fitted on it.
+    """
     head = f"{'gen':>3}  {'test set':<16}{'condition':<10}" + "".join(f"{'R@' + str(n):>8}" for n in ns)
     lines = [head, "-" * len(head)]
-    for gen in sorted(history):
-        for sid, (table, _counts) in sorted(history[gen].get("test", {}).items()):
+    rows = [(f"{gen:>3}", history[gen].get("test", {})) for gen in sorted(history)]
+    if selected:
+        rows.append(("sel", selected.get("test", {})))
+    for label, tests in rows:
+        for sid, (table, _counts) in sorted(tests.items()):
             for cond, row in table.items():
                 cells = "".join(f"{100.0 * row[n]:>8.1f}" if n in row else f"{'-':>8}" for n in ns)
-                lines.append(f"{gen:>3}  {sid:<16}{cond:<10}{cells}")
+                lines.append(f"{label}  {sid:<16}{cond:<10}{cells}")
+    if selected:
+        lines.append(f"sel = generation {selected['generation']}'s best network by validation Recall@5 "
+                     f"({100.0 * selected['val_recall5']:.1f}), the reference's reported choice")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from .. import distributed as du
 from ..config import Config, save_config
 from ..data.manifest import Manifest
+from ..evaluation.checkpoints import load_for_eval
 from ..evaluation.pca import PCAWhitening
 from ..evaluation.runner import evaluate_splits, flat_metrics, render_examples
 from ..losses import sfrs_hard_loss, sfrs_soft_loss, tuple_loss
@@ -95,6 +96,9 @@ class Trainer:
         self.neg_sampler = make_negative_sampler(len(self.train.db_keys), self.train.potential)
         self.tracker: Tracker = build_tracker(self.rank, cfg.tracking.uri, cfg.tracking.experiment, self.run_dir)
         self.history: Dict[int, Dict] = {}
+        self.selected: Dict = {}
+        # the reference keeps each query's last hard negatives across generations too
+        self.neg_cache = NegativeCache(len(self.train.q_keys), cfg.mining.num_negatives)
         self.resume_path: Optional[Path] = None
         self._collapse_warned: set = set()
 
@@ -109,6 +113,9 @@ class Trainer:
             self.state.load_state_dict(ckpt["state"])
             self.tracker.load_state_dict(ckpt.get("tracker", {}))
             self.history = ckpt.get("history", {})
+            self.selected = ckpt.get("selected", {})
+            if "negatives" in ckpt:
+                self.neg_cache = NegativeCache.from_state_dict(ckpt["negatives"])
             log.info("resuming from %s at %s", resume, self.state)
         self.tracker.start_job(cfg.tracking.run_name or self.run_dir.name, cfg.flat(),
                                {"git_commit": git_commit(), "world_size": str(self.world)})
@@ -117,6 +124,8 @@ class Trainer:
             while self.state.generation < cfg.train.generations:
                 self._generation(self.state.generation, ckpt)
                 ckpt = None
+            if not self.selected:
+                self._report_selected()
             self.tracker.finish("FINISHED")
         except BaseException:
             self.tracker.finish("FAILED")
@@ -137,7 +146,7 @@ class Trainer:
         engine = build_engine(cfg.train.engine, net, self.device, cfg.train.lr, cfg.train.momentum,
                               cfg.train.weight_decay, cfg.train.precision, cfg.train.zero_stage,
                               cfg.train.batch_size)
-        neg_cache = NegativeCache(len(self.train.q_keys), cfg.mining.num_negatives)
+        neg_cache = self.neg_cache
         if ckpt is not None and "model" in ckpt:
             engine.module.load_state_dict(ckpt["model"])
             if engine.sharded_optimizer:
@@ -145,7 +154,6 @@ class Trainer:
                 engine.load_optimizer_state(load_checkpoint(shard))
             else:
                 engine.load_optimizer_state(ckpt["optimizer"])
-            neg_cache = NegativeCache.from_state_dict(ckpt["negatives"])
         self.tracker.start_generation(gen, cfg.flat(), {"teacher_checkpoint": teacher_key or "none",
                                                         "git_commit": git_commit()})
         if teacher_s:
@@ -173,7 +181,7 @@ class Trainer:
         self.tracker.end_generation()
         self.state.generation = gen + 1
         self.state.epoch = self.state.subset = self.state.step = self.state.epoch_step = 0
-        self._save(None, None)
+        self._save(None, self.neg_cache)
 
     def _keep_best(self, engine, gen: int, val: Dict) -> None:
         """Save the generation's best network by validation Recall@5 (the reference's choice)."""
@@ -309,40 +317,64 @@ class Trainer:
                 masks.append(torch.arange(k_max, device=s.device) < k)
         q, p = torch.stack(q), torch.stack(p)
         if gen == 0:
-            hard = tuple_loss(q, p, torch.stack(negs), kind=cfg.loss.kind, temp=tau0, margin=cfg.loss.margin)
+            hard = tuple_loss(q, p, torch.stack(negs), kind=cfg.loss.kind, temp=tau0, margin=cfg.loss.hinge_margin)
             return hard, {"loss_hard": float(hard.detach())}
-        hard = sfrs_hard_loss(q, p, torch.stack(nregs), temp=tau0, kind=cfg.loss.kind, margin=cfg.loss.margin)
+        hard = sfrs_hard_loss(q, p, torch.stack(nregs), temp=tau0, kind=cfg.loss.kind, margin=cfg.loss.hinge_margin)
         soft = sfrs_soft_loss(torch.stack(soft_s), torch.stack(soft_t), torch.stack(masks), tau0=tau0, tau_g=tau)
         loss = hard + cfg.loss.soft_weight * soft
         return loss, {"loss_hard": float(hard.detach()), "loss_soft": float(soft.detach())}
 
     # ------------------------------------------------------------ test/ckpt
-    def _test(self, net, gen: int):
+    def _test(self, net, gen: int, tag: str = ""):
+        """PCA fitted on the network, then every test set; ``tag`` names the files (default: gen)."""
         cfg = self.cfg
         sids = [s for s in cfg.data.test_sets if s in self.manifest.splits]
         missing = [s for s in cfg.data.test_sets if s not in self.manifest.splits]
         if missing:
             log.warning("test sets not in the shard manifest, skipped: %s", missing)
+        tag = tag or f"generation{gen:02d}"
         pca, pca_path = None, None
         with eval_mode(net):
             if cfg.eval.pca_dim and cfg.eval.pca_dim < net.output_dim:
-                db = extract_group(net, net.output_dim, self.manifest, self.train.sid, "db", cfg.data,
-                                   self.device, bf16=cfg.eval.bf16)
-                pca_path = self.ckpt_dir / f"generation{gen:02d}_pca.h5"
+                # as the reference: images drawn at random from training queries and database
+                train = np.concatenate([
+                    extract_group(net, net.output_dim, self.manifest, self.train.sid, role, cfg.data, self.device,
+                                  bf16=cfg.eval.bf16) for role in ("q", "db")])
+                pca_path = self.ckpt_dir / f"{tag}_pca.h5"
                 if du.is_main_process():  # only rank 0 searches, so only rank 0 needs the PCA
-                    pca = PCAWhitening(cfg.eval.pca_dim).fit(db, max_samples=cfg.eval.pca_samples,
+                    pca = PCAWhitening(cfg.eval.pca_dim).fit(train, max_samples=cfg.eval.pca_samples,
                                                              seed=cfg.train.seed)
                     pca.save(str(pca_path))
-            examples_dir = self.run_dir / "examples" / f"generation{gen:02d}"
+            examples_dir = self.run_dir / "examples" / tag
 
             def draw(sid, db, q):
                 if sid == sids[0]:
                     for png in render_examples(self.manifest, sid, db, q, examples_dir):
-                        self.tracker.log_artifact(Path(png), "retrievals")
+                        self.tracker.log_artifact(Path(png), "retrievals", parent=not tag.startswith("generation"))
 
             tables = evaluate_splits(net, net.output_dim, self.manifest, sids, cfg.data, self.device,
                                      cfg.eval.recall_ns, pca=pca, bf16=cfg.eval.bf16, on_descriptors=draw)
         return tables, pca_path
+
+    def _report_selected(self) -> None:
+        """The reference's reported network: best validation Recall@5 over all generations and
+        epochs, PCA fitted on it, tested on every test set; logged to the parent run."""
+        scored = [(h["best_val_r5"], g) for g, h in self.history.items() if "best_val_r5" in h]
+        if not scored:
+            log.info("no validation split: no network selected by validation Recall@5")
+            return
+        r5, gen = max(scored, key=lambda t: (t[0], -t[1]))  # ties: the earlier generation
+        net = load_for_eval(self.cfg, self.best_path(gen), self.device)
+        tables, pca_path = self._test(net, gen, tag="selected")
+        self.selected = {"generation": gen, "val_recall5": r5, "test": tables}
+        log.info("selected network (best validation R@5 %.1f): generation %d, %s", 100 * r5, gen,
+                 self.best_path(gen).name)
+        self.tracker.log_metrics({**{f"selected/{k}": v for k, v in flat_metrics(tables).items()},
+                                  "selected/generation": gen, "selected/val_recall_5": 100 * r5},
+                                 step=0, parent=True)
+        if pca_path is not None:
+            self.tracker.log_artifact(pca_path, "pca", parent=True)
+        self._save(None, self.neg_cache)
 
     def _save(self, engine, neg_cache) -> None:
         st = self.state
@@ -353,8 +385,12 @@ class Trainer:
             "config": self.cfg.to_dict(),
         }
         path = self.ckpt_dir / checkpoint_name(st.generation, st.epoch, st.subset)
+        if neg_cache is not None:
+            payload["negatives"] = neg_cache.state_dict()
+        if self.selected:
+            payload["selected"] = self.selected
         if engine is not None:
-            payload.update(model=engine.module.state_dict(), negatives=neg_cache.state_dict())
+            payload["model"] = engine.module.state_dict()
             if engine.sharded_optimizer:  # ZeRO partitions: every rank writes its own shard first
                 atomic_torch_save(engine.optimizer_state(), optimizer_shard_path(path, du.get_rank()))
                 du.barrier()
