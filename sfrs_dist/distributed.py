@@ -143,8 +143,68 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+#: Device type declared by ``declare_collective_device`` (None: follow the backend).
+_declared_device_type: Optional[str] = None
+
+
+def backend_device(backend: Optional[str], local_rank: int = 0) -> torch.device:
+    """The device whose tensors ``backend``'s collectives take: ``cuda:<local rank>`` for NCCL, CPU otherwise."""
+    if backend == "nccl":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return torch.device("cuda", local_rank % count if count else local_rank)
+    return torch.device("cpu")
+
+
+def declare_collective_device(device_type: Optional[str]) -> None:
+    """Declare the device type the tensor collectives must receive (None: the backend's own).
+
+    With gloo the collectives accept CPU tensors only and NCCL CUDA tensors only; declaring
+    ``"cuda"`` under gloo makes the helpers refuse CPU tensors as NCCL would, so code paths
+    can be checked for the device of their collective tensors without a GPU.
+    """
+    global _declared_device_type
+    _declared_device_type = None if device_type is None else torch.device(device_type).type
+
+
+def collective_device() -> torch.device:
+    """Where tensors handed to the collectives of this module must live."""
+    return backend_device(dist.get_backend() if is_distributed() else None, get_local_rank())
+
+
+def check_collective_tensor(t: torch.Tensor, what: str = "collective") -> None:
+    """Raise ``ValueError`` if ``t`` is not on the device type the backend's collectives take.
+
+    Checked while a process group is up, or always once a device type was declared with
+    ``declare_collective_device``.
+    """
+    expected = _declared_device_type
+    if expected is None:
+        if not is_distributed():
+            return
+        expected = collective_device().type
+    if t.device.type != expected:
+        backend = dist.get_backend() if is_distributed() else "none"
+        raise ValueError(f"{what}: tensor on {t.device}, but the collectives of this job take {expected} tensors "
+                         f"(backend {backend}); create it with distributed.collective_tensor or move it with "
+                         f".to(distributed.collective_device())")
+
+
+def collective_tensor(values: Any, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """A tensor of ``values`` on ``collective_device()``."""
+    return torch.as_tensor(values, dtype=dtype, device=collective_device())
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """In-place sum across ranks (identity when not distributed)."""
+    """In-place sum across ranks (identity when not distributed).
+
+    ``t`` must live on ``collective_device()`` (see ``check_collective_tensor``).
+    """
+    check_collective_tensor(t, "all_reduce_sum")
     if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_reduce_int_sum(value: int) -> int:
+    """Sum of an integer over all ranks, through a tensor on the collective device."""
+    return int(all_reduce_sum(collective_tensor([int(value)], torch.int64)).cpu()[0])

@@ -20,7 +20,7 @@ from . import distributed as du
 from . import teacher_cache as tc
 from .config import Config
 from .data.manifest import MANIFEST_NAME, Manifest
-from .models import SFRSNet, build_model
+from .models import SFRSNet, build_model, config_input_norm
 from .training.checkpoint import file_hash, load_checkpoint
 from .training.passes import eval_mode, extract_group, pass_loader
 
@@ -32,8 +32,10 @@ def load_network(cfg: Config, path: Path, device: torch.device) -> SFRSNet:
     if not Path(path).is_file():
         raise FileNotFoundError(f"teacher checkpoint not found: {path}")
     m = cfg.model
-    net = build_model(m.backbone, weights=None, num_clusters=m.num_clusters, trainable=m.trainable, layer=m.layer)
-    net.load_state_dict(load_checkpoint(path)["model"])
+    ckpt = load_checkpoint(path)
+    net = build_model(m.backbone, weights=None, num_clusters=m.num_clusters, trainable=m.trainable, layer=m.layer,
+                      input_norm=config_input_norm(m, ckpt.get("config")))
+    net.load_state_dict(ckpt["model"])
     return net.requires_grad_(False).to(device).eval()
 
 
@@ -80,7 +82,7 @@ def run_teacher_pass(cfg: Config, manifest: Manifest, train_pos: List[np.ndarray
     with eval_mode(net):
         q, j, sims, forwarded = compute_shard(net, cfg, manifest, cfg.data.train_set, train_pos, device)
     tc.save_shard(cache_dir, key, du.get_rank(), du.get_world_size(), q, j, sims)
-    total = int(du.all_reduce_sum(torch.tensor([forwarded], dtype=torch.int64))[0])
+    total = du.all_reduce_int_sum(forwarded)
     du.barrier()
     if du.is_main_process():
         tc.mark_done(cache_dir, key, du.get_world_size(), {"teacher": str(teacher_ckpt), "forwarded": total})
