@@ -43,7 +43,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         history = trainer.run()
         if du.is_main_process():
             print("\nRecall@N on the test sets, per generation (generation 0 = SARE baseline):")
-            print(generation_table(history, [n for n in cfg.eval.recall_ns if n <= 10], trainer.selected))
+            print(generation_table(history, [n for n in cfg.eval.recall_ns if n <= 10], trainer.selected,
+                                   trainer.untrained))
             uri = cfg.tracking.uri or default_tracking_uri(Path(cfg.run.out_dir))
             print(f"\nCompare generations in MLflow:  mlflow ui --backend-store-uri {uri}  "
                   "(then open http://127.0.0.1:5000)")

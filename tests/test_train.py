@@ -59,7 +59,8 @@ def final_state(out: Path) -> dict:
 @pytest.fixture(scope="module")
 def ddp_job(synthetic_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "run"
-    run(torchrun(overrides(synthetic_shards, out), extra=["--standalone"]), out.parent / "log")
+    run(torchrun(overrides(synthetic_shards, out, "eval.test_untrained=true"), extra=["--standalone"]),
+        out.parent / "log")
     return out
 
 
@@ -99,6 +100,11 @@ def test_ddp_two_generations_tracked_in_mlflow(ddp_job):
     assert pm["selected/generation"] == sel["generation"]
     assert pm["selected/pitts30k_test/all/recall_5"] == pytest.approx(
         100 * sel["test"]["pitts30k_test"][0]["all"][5])
+    # the off-the-shelf baseline (backbone + NetVLAD init) is tested before any training step
+    assert set(ck["untrained"]["test"]) == {"pitts30k_test", "tokyo247_test"}
+    assert pm["untrained/tokyo247_test/night/recall_1"] == pytest.approx(
+        100 * ck["untrained"]["test"]["tokyo247_test"][0]["night"][1])
+    assert "off" in (ddp_job.parent / "log").read_text()  # its rows in the final table
     # hard negatives are carried across generations (the reference's per-query cache)
     assert (ck["negatives"]["ids"] >= 0).any()
 

@@ -40,7 +40,6 @@ from .checkpoint import (
     atomic_torch_save,
     checkpoint_name,
     load_checkpoint,
-    optimizer_shard_path,
     prune_subset_checkpoints,
     resolve_resume,
 )
@@ -97,6 +96,7 @@ class Trainer:
         self.tracker: Tracker = build_tracker(self.rank, cfg.tracking.uri, cfg.tracking.experiment, self.run_dir)
         self.history: Dict[int, Dict] = {}
         self.selected: Dict = {}
+        self.untrained: Dict = {}
         # the reference keeps each query's last hard negatives across generations too
         self.neg_cache = NegativeCache(len(self.train.q_keys), cfg.mining.num_negatives)
         self.resume_path: Optional[Path] = None
@@ -114,6 +114,7 @@ class Trainer:
             self.tracker.load_state_dict(ckpt.get("tracker", {}))
             self.history = ckpt.get("history", {})
             self.selected = ckpt.get("selected", {})
+            self.untrained = ckpt.get("untrained", {})
             if "negatives" in ckpt:
                 self.neg_cache = NegativeCache.from_state_dict(ckpt["negatives"])
             log.info("resuming from %s at %s", resume, self.state)
@@ -136,6 +137,8 @@ class Trainer:
     def _generation(self, gen: int, ckpt: Optional[Dict]) -> None:
         cfg = self.cfg
         net = build_student(cfg, self.manifest, self.train.sid, self.cache_dir, self.device)
+        if gen == 0 and cfg.eval.test_untrained and not self.untrained and ckpt is None:
+            self._report_untrained(net)
         teacher, teacher_key, teacher_s = None, "", 0.0
         if gen >= 1:
             teacher_ckpt = self.final_path(gen - 1)
@@ -148,12 +151,7 @@ class Trainer:
                               cfg.train.batch_size)
         neg_cache = self.neg_cache
         if ckpt is not None and "model" in ckpt:
-            engine.module.load_state_dict(ckpt["model"])
-            if engine.sharded_optimizer:
-                shard = optimizer_shard_path(self.resume_path, du.get_rank())
-                engine.load_optimizer_state(load_checkpoint(shard))
-            else:
-                engine.load_optimizer_state(ckpt["optimizer"])
+            engine.load_checkpoint_state(ckpt, self.resume_path)
         self.tracker.start_generation(gen, cfg.flat(), {"teacher_checkpoint": teacher_key or "none",
                                                         "git_commit": git_commit()})
         if teacher_s:
@@ -169,10 +167,11 @@ class Trainer:
     def _finish_generation(self, gen: int, engine) -> None:
         cfg = self.cfg
         final = self.final_path(gen)
+        model = engine.fp32_state_dict()  # float32 weights; a collective under DeepSpeed
         if du.is_main_process():
-            atomic_torch_save({"model": engine.module.state_dict(), "generation": gen, "config": cfg.to_dict()}, final)
+            atomic_torch_save({"model": model, "generation": gen, "config": cfg.to_dict()}, final)
         du.barrier()
-        tables, pca_path = self._test(engine.module, gen)
+        tables, pca_path = self._test(engine.eval_network(), gen)
         self.history.setdefault(gen, {}).update(test=tables, steps=self.state.step)
         self.tracker.log_metrics(flat_metrics(tables), step=self.state.step)
         self.tracker.log_artifact(self.best_path(gen), "checkpoints")
@@ -192,8 +191,9 @@ class Trainer:
         best = self.history[gen].get("best_val_r5", -1.0)
         if r5 > best:
             self.history[gen]["best_val_r5"] = r5
+            model = engine.fp32_state_dict()  # every rank: a collective under DeepSpeed
             if du.is_main_process():
-                atomic_torch_save({"model": engine.module.state_dict(), "generation": gen,
+                atomic_torch_save({"model": model, "generation": gen,
                                    "val_recall5": r5, "config": self.cfg.to_dict()}, self.best_path(gen))
 
     def best_path(self, gen: int) -> Path:
@@ -219,8 +219,9 @@ class Trainer:
             self._save(engine, neg_cache)
         val = {}
         if cfg.data.val_set and cfg.data.val_set in self.manifest.splits:
-            with eval_mode(engine.module):
-                val = evaluate_splits(engine.module, engine.module.output_dim, self.manifest, [cfg.data.val_set],
+            net = engine.eval_network()
+            with eval_mode(net):
+                val = evaluate_splits(net, net.output_dim, self.manifest, [cfg.data.val_set],
                                       cfg.data, self.device, cfg.eval.recall_ns, bf16=cfg.eval.bf16)
             self.tracker.log_metrics({**flat_metrics(val), "epoch": epoch}, step=self.state.step)
         self.history.setdefault(gen, {}).setdefault("epochs", []).append({"epoch": epoch, "val": val})
@@ -234,7 +235,7 @@ class Trainer:
     def _refresh(self, engine, gen: int, epoch: int, s: int, subset: np.ndarray, neg_cache):
         cfg = self.cfg
         t0 = time.time()
-        net = engine.module
+        net = engine.eval_network()  # float32 weights (DeepSpeed bf16/fp16 casts the module's)
         with eval_mode(net):
             q_desc = extract_group(net, net.output_dim, self.manifest, self.train.sid, "q", cfg.data, self.device,
                                    bf16=cfg.eval.bf16)
@@ -344,6 +345,7 @@ class Trainer:
                 if du.is_main_process():  # only rank 0 searches, so only rank 0 needs the PCA
                     pca = PCAWhitening(cfg.eval.pca_dim).fit(train, max_samples=cfg.eval.pca_samples,
                                                              seed=cfg.train.seed)
+                    pca_path.parent.mkdir(parents=True, exist_ok=True)
                     pca.save(str(pca_path))
             examples_dir = self.run_dir / "examples" / tag
 
@@ -355,6 +357,13 @@ class Trainer:
             tables = evaluate_splits(net, net.output_dim, self.manifest, sids, cfg.data, self.device,
                                      cfg.eval.recall_ns, pca=pca, bf16=cfg.eval.bf16, on_descriptors=draw)
         return tables, pca_path
+
+    def _report_untrained(self, net) -> None:
+        """The off-the-shelf baseline: backbone weights + NetVLAD init, no training."""
+        tables, _ = self._test(net, 0, tag="untrained")
+        self.untrained = {"test": tables}
+        self.tracker.log_metrics({f"untrained/{k}": v for k, v in flat_metrics(tables).items()}, step=0,
+                                 parent=True)
 
     def _report_selected(self) -> None:
         """The reference's reported network: best validation Recall@5 over all generations and
@@ -389,16 +398,13 @@ class Trainer:
             payload["negatives"] = neg_cache.state_dict()
         if self.selected:
             payload["selected"] = self.selected
-        if engine is not None:
-            payload["model"] = engine.module.state_dict()
-            if engine.sharded_optimizer:  # ZeRO partitions: every rank writes its own shard first
-                atomic_torch_save(engine.optimizer_state(), optimizer_shard_path(path, du.get_rank()))
-                du.barrier()
-            else:
-                payload["optimizer"] = engine.optimizer_state()
+        if self.untrained:
+            payload["untrained"] = self.untrained
+        if engine is not None:  # every rank: DeepSpeed writes each rank's ZeRO partition first
+            payload.update(engine.checkpoint_state(path))
         # the tracker's run ids live on rank 0; it is also the only writer of the main file
         if du.is_main_process():
             atomic_torch_save(payload, path)
-            prune_subset_checkpoints(self.ckpt_dir, path)
+            prune_subset_checkpoints(self.ckpt_dir, path, keep_tag=payload.get("deepspeed_tag"))
         du.barrier()
 
