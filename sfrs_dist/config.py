@@ -205,6 +205,9 @@ class EvalConfig:
     """Training descriptors the PCA is fitted on."""
     bf16: bool = False
     """bf16 autocast for extraction and candidate search (fp32 path stays exact)."""
+    test_untrained: bool = False
+    """Also test the untrained network (backbone weights + NetVLAD init) before generation 0:
+    the off-the-shelf baseline, logged to the parent run as ``untrained/...``."""
 
     def __post_init__(self) -> None:
         _check(all(n > 0 for n in self.recall_ns), "eval.recall_ns must be positive")
