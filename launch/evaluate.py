@@ -3,7 +3,8 @@
     torchrun --nproc_per_node 2 launch/evaluate.py --config configs/demo.yaml \
         --checkpoint runs/demo/checkpoints/generation02_final.pt [--pca FILE] [--out results.json]
 
-``--checkpoint`` takes several files or globs (e.g. every checkpoint of the last generation);
+Test splits come from ``data.shards`` and the extra shard sets of ``data.test_shards``
+(``--sets`` overrides ``data.test_sets``). ``--checkpoint`` takes several files or globs (e.g. every checkpoint of the last generation);
 each gets its own table. OpenIBL checkpoints (VGG16 + NetVLAD) are accepted too. Training
 checkpoints saved at the start of a generation hold no network; they are skipped with a warning.
 """
@@ -20,8 +21,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from sfrs_dist import distributed as du
-from sfrs_dist.config import load_config_for_launch
-from sfrs_dist.data.manifest import Manifest
+from sfrs_dist.config import ConfigError, load_config_for_launch
+from sfrs_dist.data.test_sets import group_by_manifest, locate_splits
 from sfrs_dist.evaluation.checkpoints import NoNetworkError, load_for_eval
 from sfrs_dist.evaluation.pca import PCAWhitening
 from sfrs_dist.evaluation.recall import format_recall_table
@@ -55,14 +56,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         ckpts = expand(args.checkpoint)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        located = locate_splits(cfg.data, args.sets or cfg.data.test_sets)
+    except (FileNotFoundError, ConfigError) as exc:
+        if du.launch_rank() == 0:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     info = du.init_distributed(timeout_s=cfg.run.dist_timeout_s)
     setup_logging()
     try:
-        manifest = Manifest.load(Path(cfg.data.shards))
-        sids = args.sets or [s for s in cfg.data.test_sets if s in manifest.splits]
         pca = PCAWhitening.load(args.pca) if args.pca else None
         results = {}
         for ck in ckpts:
@@ -71,8 +72,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             except NoNetworkError as exc:
                 log.warning("skipped: %s", exc)
                 continue
-            tables = evaluate_splits(net, net.output_dim, manifest, sids, cfg.data, info.device,
-                                     cfg.eval.recall_ns, pca=pca, bf16=cfg.eval.bf16)
+            tables = {}
+            for manifest, group in group_by_manifest(located):
+                tables.update(evaluate_splits(net, net.output_dim, manifest, group, cfg.data, info.device,
+                                              cfg.eval.recall_ns, pca=pca, bf16=cfg.eval.bf16))
             results[ck] = {sid: {"recall": {c: {str(n): v for n, v in row.items()} for c, row in t.items()},
                                  "queries": counts} for sid, (t, counts) in tables.items()}
             if du.is_main_process():

@@ -10,6 +10,7 @@ from typing import List, Optional
 
 from sfrs_dist import distributed as du
 from sfrs_dist.config import ConfigError, check_resume, load_config_for_launch
+from sfrs_dist.data.test_sets import locate_splits
 from sfrs_dist.logging_utils import setup_logging
 from sfrs_dist.tracking import default_tracking_uri
 from sfrs_dist.training.checkpoint import latest_checkpoint
@@ -30,6 +31,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:  # before any process group: every rank stops with one message
         check_resume(cfg, cfg.run.out_dir, latest_checkpoint(Path(cfg.run.out_dir) / "checkpoints") is not None)
+        locate_splits(cfg.data, cfg.data.test_sets)
     except ConfigError as exc:
         if du.launch_rank() == 0:
             print(f"config error: {exc}", file=sys.stderr)

@@ -38,7 +38,9 @@ class DataConfig:
     val_set: Optional[str] = "pitts30k_val"
     """Split evaluated after every epoch (checkpoint selection); null to skip."""
     test_sets: List[str] = field(default_factory=lambda: ["pitts30k_test", "tokyo247_test"])
-    """Splits evaluated at the end of every generation."""
+    """Splits evaluated at the end of every generation, from data.shards or data.test_shards."""
+    test_shards: List[str] = field(default_factory=list)
+    """More shard folders holding test splits (e.g. shards/tokyo247 beside shards/pitts30k)."""
     image_size: List[int] = field(default_factory=lambda: [480, 640])
     """Input height and width in pixels."""
     aspect_preserving: List[str] = field(default_factory=lambda: ["tokyo247"])
@@ -373,7 +375,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 #: Settings a job may change when it resumes: where files are, how fast data is read, how far
 #: the job goes and how it reports. Anything else changes what the checkpoints mean.
-RESUME_FREE = ("data.shards", "data.num_workers", "data.extract_batch_size", "data.test_sets",
+RESUME_FREE = ("data.shards", "data.num_workers", "data.extract_batch_size", "data.test_sets", "data.test_shards",
                "train.generations", "train.log_every", "eval.", "tracking.", "run.")
 
 

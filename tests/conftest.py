@@ -79,3 +79,19 @@ def synthetic_shards(synthetic_raw: Path, tmp_path_factory) -> Path:
     build_shards(splits, out, shard_size=16, workers=1, progress=False,
                  source={"dataset": "synthetic", "root": str(Path(synthetic_raw).resolve()), "scale": "30k"})
     return out
+
+
+@pytest.fixture(scope="session")
+def split_shard_sets(synthetic_raw: Path, tmp_path_factory):
+    """The synthetic data as two shard sets: Pittsburgh-style splits, and Tokyo 24/7 alone."""
+    from sfrs_dist.data.datasets import load_dataset
+    from sfrs_dist.data.shards import build_shards
+
+    splits: List[SplitData] = load_dataset("synthetic", synthetic_raw)
+    out = []
+    for name, keep in (("pitts", lambda s: s.name != "tokyo247"), ("tokyo", lambda s: s.name == "tokyo247")):
+        folder = tmp_path_factory.mktemp(f"{name}_shards")
+        build_shards([s for s in splits if keep(s)], folder, shard_size=16, workers=1, progress=False,
+                     source={"dataset": "synthetic", "root": str(Path(synthetic_raw).resolve()), "part": name})
+        out.append(folder)
+    return tuple(out)

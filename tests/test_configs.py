@@ -78,7 +78,9 @@ def test_pitts30k_reference_values_match_design():
     assert cfg.data.image_size == [480, 640]
     assert cfg.data.shards == "shards/pitts30k"
     assert cfg.data.train_set == "pitts30k_train" and cfg.data.val_set == "pitts30k_val"
-    assert cfg.data.test_sets == ["pitts30k_test"]
+    # the paper's test sets in every generation, two of them from shard sets of their own
+    assert cfg.data.test_sets == ["pitts30k_test", "pitts250k_test", "tokyo247_test"]
+    assert cfg.data.test_shards == ["shards/pitts250k", "shards/tokyo247"]
     assert cfg.data.aspect_preserving == ["tokyo247"]
     assert cfg.data.color_jitter == [0.7, 0.7, 0.7, 0.5]
     # optimiser and schedule

@@ -57,10 +57,12 @@ def final_state(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ddp_job(synthetic_shards, tmp_path_factory):
+def ddp_job(split_shard_sets, tmp_path_factory):
+    """Trained on the Pittsburgh-style shard set, tested on Tokyo 24/7 from a second shard set too."""
+    pitts, tokyo = split_shard_sets
     out = tmp_path_factory.mktemp("ddp") / "run"
-    run(torchrun(overrides(synthetic_shards, out, "eval.test_untrained=true"), extra=["--standalone"]),
-        out.parent / "log")
+    run(torchrun(overrides(pitts, out, "eval.test_untrained=true", f"data.test_shards=[{tokyo}]"),
+                 extra=["--standalone"]), out.parent / "log")
     return out
 
 
@@ -122,18 +124,39 @@ def test_teacher_rerun_reuses_cache(ddp_job, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in cache.glob("teacher_*rank*.npz")} == shards_before
 
 
-def test_deepspeed_one_generation_same_steps(ddp_job, synthetic_shards, tmp_path):
+def _fp32_weights(path: Path) -> dict:
+    model = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    assert {v.dtype for v in model.values()} <= {torch.float32, torch.int64}, path
+    return model
+
+
+def test_deepspeed_bf16_one_generation_same_steps_and_resume(ddp_job, synthetic_shards, tmp_path):
+    """ZeRO-1 bf16 (a batch-norm backbone) through refreshes, validation, test and PCA; resumed under ZeRO."""
     out = tmp_path / "run"
-    run(torchrun(overrides(synthetic_shards, out, "train.engine=deepspeed", "train.zero_stage=1",
-                           "train.generations=1"), extra=["--standalone"]), tmp_path / "log")
+    args = overrides(synthetic_shards, out, "train.engine=deepspeed", "train.zero_stage=1", "train.precision=bf16",
+                     "train.generations=1")
+    run(torchrun(args, extra=["--standalone"]), tmp_path / "log")
     ck = final_state(out)
-    # ZeRO-1 partitions the optimiser: each rank saved its own shard beside every checkpoint
-    epoch_end = out / "checkpoints" / "ckpt_g00_e001_s0000.pt"
-    assert sorted(p.name for p in epoch_end.parent.glob(epoch_end.stem + ".optim_rank*.pt")) == [
-        f"{epoch_end.stem}.optim_rank000.pt", f"{epoch_end.stem}.optim_rank001.pt"]
+    # DeepSpeed saved its engine state (each rank's ZeRO partition) under the tag the checkpoint names
+    ckpts = out / "checkpoints"
+    epoch_end = torch.load(ckpts / "ckpt_g00_e001_s0000.pt", map_location="cpu", weights_only=False)
+    tag_dir = ckpts / "deepspeed" / epoch_end["deepspeed_tag"]
+    assert sorted(p.name for p in tag_dir.glob("zero_pp_rank_*_optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert ck["state"]["generation"] == 1
     assert ck["history"][0]["steps"] == final_state(ddp_job)["history"][0]["steps"]
     assert "pitts30k_test" in ck["history"][0]["test"]
+    final = _fp32_weights(ckpts / "generation00_final.pt")
+    _fp32_weights(ckpts / "generation00_best.pt")
+    # resume from the last mid-epoch checkpoint: DeepSpeed reloads its ZeRO partitions
+    mid = max(p for p in ckpts.glob("ckpt_g00_e000_s*.pt"))
+    run(torchrun(args + ["--set", f"run.resume={mid}"], extra=["--standalone"]), tmp_path / "log2")
+    assert "resuming from" in (tmp_path / "log2").read_text()
+    again = _fp32_weights(ckpts / "generation00_final.pt")
+    assert all(torch.equal(again[k], final[k]) for k in final)
+    # the tags of superseded checkpoints went with them
+    named = [torch.load(p, map_location="cpu", weights_only=False).get("deepspeed_tag") for p in ckpts.glob("ckpt_*.pt")]
+    assert sorted(d.name for d in (ckpts / "deepspeed").iterdir() if d.is_dir()) == sorted(t for t in named if t)
 
 
 def _free_port() -> int:

@@ -68,7 +68,7 @@ def build_student(cfg: Config, manifest: Manifest, sid: str, cache_dir: Path, de
                       layer=m.layer, checkpointing=m.grad_checkpointing, input_norm=m.input_norm).to(device)
     fingerprint = state_fingerprint(net.backbone, m.num_clusters, cfg.train.seed, manifest.source,
                                     sid, tuple(cfg.data.image_size), m.init_descriptors, m.init_images,
-                                    "random queries+database")
+                                    "random queries+database", net.input_adapter.mode)
     path = Path(cache_dir) / f"netvlad_init_{fingerprint[:16]}.pt"
     descs = None
     if du.broadcast_object(not path.is_file()):  # rank 0 decides: the cache may live on its node only

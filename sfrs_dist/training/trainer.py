@@ -22,6 +22,7 @@ from tqdm import tqdm
 from .. import distributed as du
 from ..config import Config, save_config
 from ..data.manifest import Manifest
+from ..data.test_sets import group_by_manifest, locate_splits
 from ..evaluation.checkpoints import load_for_eval
 from ..evaluation.pca import PCAWhitening
 from ..evaluation.runner import evaluate_splits, flat_metrics, render_examples
@@ -91,6 +92,7 @@ class Trainer:
         self.cache_dir = self.run_dir / "cache"
         self.manifest = Manifest.load(Path(cfg.data.shards))
         self.train = TrainSplit.from_manifest(self.manifest, cfg.data.train_set)
+        self.test_sets = locate_splits(cfg.data, cfg.data.test_sets)  # split id -> its shard set
         self.state = TrainState()
         self.neg_sampler = make_negative_sampler(len(self.train.db_keys), self.train.potential)
         self.tracker: Tracker = build_tracker(self.rank, cfg.tracking.uri, cfg.tracking.experiment, self.run_dir)
@@ -329,10 +331,7 @@ class Trainer:
     def _test(self, net, gen: int, tag: str = ""):
         """PCA fitted on the network, then every test set; ``tag`` names the files (default: gen)."""
         cfg = self.cfg
-        sids = [s for s in cfg.data.test_sets if s in self.manifest.splits]
-        missing = [s for s in cfg.data.test_sets if s not in self.manifest.splits]
-        if missing:
-            log.warning("test sets not in the shard manifest, skipped: %s", missing)
+        sids = list(self.test_sets)
         tag = tag or f"generation{gen:02d}"
         pca, pca_path = None, None
         with eval_mode(net):
@@ -351,11 +350,14 @@ class Trainer:
 
             def draw(sid, db, q):
                 if sid == sids[0]:
-                    for png in render_examples(self.manifest, sid, db, q, examples_dir):
+                    for png in render_examples(self.test_sets[sid], sid, db, q, examples_dir):
                         self.tracker.log_artifact(Path(png), "retrievals", parent=not tag.startswith("generation"))
 
-            tables = evaluate_splits(net, net.output_dim, self.manifest, sids, cfg.data, self.device,
-                                     cfg.eval.recall_ns, pca=pca, bf16=cfg.eval.bf16, on_descriptors=draw)
+            tables = {}
+            for manifest, group in group_by_manifest(self.test_sets):
+                tables.update(evaluate_splits(net, net.output_dim, manifest, group, cfg.data, self.device,
+                                              cfg.eval.recall_ns, pca=pca, bf16=cfg.eval.bf16,
+                                              on_descriptors=draw))
         return tables, pca_path
 
     def _report_untrained(self, net) -> None:
