@@ -8,6 +8,7 @@ wrong type raise ``ConfigError`` naming the key and the file they came from.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import sys
 import typing
@@ -296,12 +297,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {tp}")
 
 
+def _suggest(name: str, known, prefix: str = "") -> str:
+    """``"; did you mean <prefix><closest>?"`` when a known name is close to ``name``, else ``""``."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
+
+
 def _build_section(cls: type, values: Dict[str, Any], source: str, section: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for k in values:
         if k not in names:
-            raise ConfigError(f"{source}: unknown key '{section}.{k}' (valid: {sorted(names)})")
+            raise ConfigError(f"{source}: {section}.{k}: unknown key{_suggest(k, names, section + '.')} "
+                              f"(valid: {sorted(names)})")
     kwargs = {k: _coerce(v, hints[k], f"{source}: {section}.{k}") for k, v in values.items()}
     try:
         return cls(**kwargs)
@@ -325,7 +333,8 @@ def config_from_dict(raw: Dict[str, Any], source: str = "<dict>") -> Config:
     out = {}
     for name, values in (raw or {}).items():
         if name not in sections:
-            raise ConfigError(f"{source}: unknown section '{name}' (valid: {sorted(sections)})")
+            raise ConfigError(f"{source}: {name}: unknown section{_suggest(name, sections)} "
+                              f"(valid: {sorted(sections)})")
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section '{name}' must be a mapping")
         out[name] = _build_section(hints[name], values, source, name)
@@ -352,9 +361,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     for item in overrides:
         section, key, value = _parse_override(item)
         if section not in merged:
-            raise ConfigError(f"--set {item!r}: unknown section '{section}'")
+            raise ConfigError(f"--set {item!r}: {section}: unknown section{_suggest(section, merged)}")
         if key not in merged[section]:
-            raise ConfigError(f"--set {item!r}: unknown key '{section}.{key}'")
+            raise ConfigError(f"--set {item!r}: {section}.{key}: unknown key"
+                              f"{_suggest(key, merged[section], section + '.')}")
         merged[section][key] = value
     if overrides:
         cfg = config_from_dict(merged, f"{source} + --set")

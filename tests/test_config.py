@@ -33,7 +33,13 @@ def test_unknown_key_names_key_and_file(tmp_path):
     with pytest.raises(ConfigError, match=r"run\.yaml.*train\.learning_rate"):
         load_config(p)
     p = _write(tmp_path, {"trainer": {}}, "b.yaml")
-    with pytest.raises(ConfigError, match=r"b\.yaml.*unknown section 'trainer'"):
+    with pytest.raises(ConfigError, match=r"b\.yaml: trainer: unknown section; did you mean train\?"):
+        load_config(p)
+    p = _write(tmp_path, {"train": {"epoch": 3}}, "c.yaml")
+    with pytest.raises(ConfigError, match=r"c\.yaml: train\.epoch: unknown key; did you mean train\.epochs\?"):
+        load_config(p)
+    p = _write(tmp_path, {"mining": {"zzzz": 1}}, "d.yaml")
+    with pytest.raises(ConfigError, match=r"mining\.zzzz: unknown key \(valid"):  # nothing close: no guess
         load_config(p)
 
 
@@ -44,8 +50,10 @@ def test_wrong_type_and_bad_value(tmp_path):
     p = _write(tmp_path, {"train": {"engine": "horovod"}})
     with pytest.raises(ConfigError, match=r"run\.yaml.*train\.engine"):
         load_config(p)
-    with pytest.raises(ConfigError, match=r"unknown key 'mining\.k3'"):
-        load_config(None, ["mining.k3=5"])
+    with pytest.raises(ConfigError, match=r"mining\.neg_pol: unknown key; did you mean mining\.neg_pool\?"):
+        load_config(None, ["mining.neg_pol=5"])
+    with pytest.raises(ConfigError, match=r"--set 'minnig\.k1=5': minnig: unknown section; did you mean mining\?"):
+        load_config(None, ["minnig.k1=5"])
     with pytest.raises(ConfigError, match="expected true/false"):
         load_config(None, ["model.grad_checkpointing=3"])
     with pytest.raises(ConfigError, match=r"data\.color_jitter.*hue <= 0\.5.*0\.9"):
