@@ -205,6 +205,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """In-place copy of rank ``src``'s ``t`` to every rank (identity when not distributed)."""
+    check_collective_tensor(t, "broadcast_tensor")
+    if is_distributed():
+        dist.broadcast(t, src=src)
+    return t
+
+
 def all_reduce_int_sum(value: int) -> int:
     """Sum of an integer over all ranks, through a tensor on the collective device."""
     return int(all_reduce_sum(collective_tensor([int(value)], torch.int64)).cpu()[0])

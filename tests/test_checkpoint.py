@@ -41,3 +41,21 @@ def test_resolve_resume(tmp_path):
 
 def test_step_decay():
     assert [lr_at(e, 0.001, 5, 0.5) for e in (0, 4, 5, 9, 10)] == [0.001, 0.001, 0.0005, 0.0005, 0.00025]
+
+
+def test_deepspeed_tags_go_with_their_checkpoints(tmp_path):
+    from sfrs_dist.training.checkpoint import deepspeed_dir
+
+    def save(pos, tag):
+        path = tmp_path / checkpoint_name(*pos)
+        (deepspeed_dir(tmp_path) / tag).mkdir(parents=True)
+        atomic_torch_save({"deepspeed_tag": tag}, path)
+        prune_subset_checkpoints(tmp_path, path, keep_tag=tag)
+
+    (deepspeed_dir(tmp_path) / "ckpt_g00_e000_s0002.dead").mkdir(parents=True)  # an interrupted save
+    save((0, 0, 1), "ckpt_g00_e000_s0001.a")
+    save((0, 0, 2), "ckpt_g00_e000_s0002.b")
+    save((0, 1, 0), "ckpt_g00_e001_s0000.c")
+    save((0, 1, 1), "ckpt_g00_e001_s0001.d")
+    assert sorted(d.name for d in deepspeed_dir(tmp_path).iterdir()) == [
+        "ckpt_g00_e000_s0002.b", "ckpt_g00_e001_s0000.c", "ckpt_g00_e001_s0001.d"]

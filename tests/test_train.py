@@ -141,8 +141,7 @@ def test_deepspeed_bf16_one_generation_same_steps_and_resume(ddp_job, synthetic_
     ckpts = out / "checkpoints"
     epoch_end = torch.load(ckpts / "ckpt_g00_e001_s0000.pt", map_location="cpu", weights_only=False)
     tag_dir = ckpts / "deepspeed" / epoch_end["deepspeed_tag"]
-    assert sorted(p.name for p in tag_dir.glob("zero_pp_rank_*_optim_states.pt")) == [
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert len(list(tag_dir.glob("*zero_pp_rank_[01]_mp_rank_00_optim_states.pt"))) == 2
     assert ck["state"]["generation"] == 1
     assert ck["history"][0]["steps"] == final_state(ddp_job)["history"][0]["steps"]
     assert "pitts30k_test" in ck["history"][0]["test"]

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -78,20 +79,41 @@ def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
 
 
 def optimizer_shard_path(checkpoint: Path, rank: int) -> Path:
-    """Side file holding one rank's optimiser partition (DeepSpeed ZeRO >= 1)."""
+    """Side file holding one rank's optimiser partition (checkpoints of earlier versions)."""
     checkpoint = Path(checkpoint)
     return checkpoint.with_name(f"{checkpoint.stem}.optim_rank{rank:03d}.pt")
 
 
-def prune_subset_checkpoints(ckpt_dir: Path, newest: Path) -> None:
+def deepspeed_dir(ckpt_dir: Path) -> Path:
+    """Folder of the DeepSpeed engine checkpoints: one tag folder ``<checkpoint stem>.<nonce>`` each.
+
+    The main checkpoint file names its tag (``deepspeed_tag``); a tag no main file names is
+    an interrupted save and is never resumed.
+    """
+    return Path(ckpt_dir) / "deepspeed"
+
+
+def remove_deepspeed_tags(ckpt_dir: Path, stem: str, keep: Optional[str] = None) -> None:
+    """Delete the DeepSpeed tag folders saved for checkpoint ``stem``, except ``keep``."""
+    root = deepspeed_dir(ckpt_dir)
+    if not root.is_dir():
+        return
+    for d in root.glob(f"{stem}.*"):
+        if d.name != keep and d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def prune_subset_checkpoints(ckpt_dir: Path, newest: Path, keep_tag: Optional[str] = None) -> None:
     """Delete the mid-epoch checkpoints that ``newest`` supersedes (same generation and epoch).
 
     Epoch-boundary checkpoints (subset 0) are kept: they are the per-epoch checkpoints users
-    evaluate.
+    evaluate. DeepSpeed tags go with their checkpoint; of ``newest``'s own tags only
+    ``keep_tag`` (the one it names) stays.
     """
     m = _NAME.match(Path(newest).name)
     if not m:
         return
+    remove_deepspeed_tags(ckpt_dir, Path(newest).stem, keep=keep_tag)
     g, e, s = (int(x) for x in m.groups())
     for p in Path(ckpt_dir).iterdir():
         o = _NAME.match(p.name)
@@ -101,6 +123,7 @@ def prune_subset_checkpoints(ckpt_dir: Path, newest: Path) -> None:
                 for side in p.parent.glob(f"{p.stem}.optim_rank*.pt"):
                     side.unlink(missing_ok=True)
                 p.unlink(missing_ok=True)
+                remove_deepspeed_tags(ckpt_dir, p.stem)
 
 
 def resolve_resume(resume: str, ckpt_dir: Path) -> Optional[Path]:

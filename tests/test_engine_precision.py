@@ -1,0 +1,119 @@
+"""DeepSpeed engines in bf16 on the CPU: 2 real processes over gloo, no data loaders.
+
+Each case trains a few steps (batch-norm backbones included), saves an engine checkpoint,
+keeps training, then a second engine resumes from the checkpoint and must reach the same
+float32 weights. Extraction networks and saved weights are float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+CASES = [("smallcnn", None, 1), ("smallcnn", None, 2), ("resnet18", "layer3", 1)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _images(rank: int, i: int) -> torch.Tensor:
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1000 * rank + i)) * 50
+
+
+def _steps(engine, rank: int, first: int, n: int) -> list:
+    losses = []
+    engine.train(True)
+    for i in range(first, first + n):
+        r = engine.forward(_images(rank, i), regions=True)  # (2, 9, D)
+        loss = 1.0 - (r[0] * r[1]).sum(-1).mean()
+        engine.backward_step(loss)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _case(rank: int, out: Path, backbone: str, layer, stage: int) -> dict:
+    from sfrs_dist import distributed as du
+    from sfrs_dist.models import build_model
+    from sfrs_dist.training.checkpoint import atomic_torch_save, deepspeed_dir, load_checkpoint
+    from sfrs_dist.training.engine import build_engine
+
+    def new_engine(seed: int):
+        torch.manual_seed(seed)
+        net = build_model(backbone, weights=None, num_clusters=4, layer=layer)
+        return build_engine("deepspeed", net, torch.device("cpu"), 0.05, 0.9, 0.001, "bf16", stage, 2)
+
+    res: dict = {}
+    engine = new_engine(0)
+    assert engine.module.netvlad.conv.weight.dtype == torch.bfloat16  # DeepSpeed cast the module
+    res["losses"] = _steps(engine, rank, 0, 2)
+    path = out / f"ckpt_{backbone}_z{stage}.pt"
+    payload = engine.checkpoint_state(path)  # every rank
+    if rank == 0:
+        atomic_torch_save(payload, path)
+    du.barrier()
+    model = payload["model"]
+    res["dtypes"] = sorted({str(v.dtype) for v in model.values()})
+    # float32 masters / float32 frozen weights, not their bf16 casts
+    res["fp32_exact"] = sum(bool((v != v.bfloat16().float()).any()) for v in model.values() if v.is_floating_point())
+    res["tag_dir"] = (deepspeed_dir(out) / payload["deepspeed_tag"]).is_dir()
+    # the extraction network takes float32 images and holds the float32 weights
+    net = engine.eval_network().eval()
+    with torch.no_grad():
+        d = net(_images(7, 7))
+    res["eval_dtype"] = str(d.dtype)
+    res["eval_desc"] = d[0, :8].tolist()
+    res["eval_matches_ckpt"] = all(torch.equal(net.state_dict()[k].float(), v.float()) for k, v in model.items())
+    res["losses"] += _steps(engine, rank, 2, 2)
+    final = engine.fp32_state_dict()
+    # resume into a freshly initialised engine
+    resumed = new_engine(1)
+    resumed.load_checkpoint_state(load_checkpoint(path), path)
+    res["resumed_losses"] = _steps(resumed, rank, 2, 2)
+    again = resumed.fp32_state_dict()
+    res["resume_max_diff"] = max(float((again[k].float() - final[k].float()).abs().max()) for k in final)
+    return res
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        out = {f"{b}-z{s}": _case(rank, Path(out_dir), b, layer, s) for b, layer, s in CASES}
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    out = tmp_path_factory.mktemp("engine_bf16")
+    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True, start_method="spawn")
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("case", [f"{b}-z{s}" for b, _, s in CASES])
+def test_deepspeed_bf16_steps_fp32_checkpoint_and_resume(results, case):
+    r0, r1 = results[0][case], results[1][case]
+    for r in (r0, r1):
+        assert all(0.0 <= v <= 2.0 for v in r["losses"] + r["resumed_losses"])  # finite, bf16 steps ran
+        assert r["dtypes"] == ["torch.float32", "torch.int64"]
+        assert r["fp32_exact"] > 0
+        assert r["tag_dir"] and r["eval_dtype"] == "torch.float32" and r["eval_matches_ckpt"]
+        # the resumed engine continues exactly where the first one went on
+        assert r["resumed_losses"] == r["losses"][2:]
+        assert r["resume_max_diff"] == 0.0
+    # every rank extracts with the same weights and batch-norm statistics
+    assert r0["eval_desc"] == r1["eval_desc"]
