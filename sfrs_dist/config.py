@@ -88,6 +88,8 @@ class ModelConfig:
     """Training images those descriptors are drawn from."""
     grad_checkpointing: bool = False
     """Recompute backbone activations in the backward pass to save memory."""
+    freeze_batchnorm: bool = False
+    """Fix every backbone batch norm (statistics and affine), trainable layers included."""
 
     def __post_init__(self) -> None:
         backbones = ("vgg16", "resnet18", "resnet50", "smallcnn",

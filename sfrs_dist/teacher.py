@@ -14,13 +14,14 @@ from typing import List, Tuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import distributed as du
 from . import teacher_cache as tc
 from .config import Config
 from .data.manifest import MANIFEST_NAME, Manifest
-from .models import SFRSNet, build_model, config_input_norm
+from .data.streaming import expected_count
+from .models import SFRSNet, build_model, config_freeze_batchnorm, config_input_norm
+from .progress import Progress
 from .training.checkpoint import file_hash, load_checkpoint
 from .training.passes import eval_mode, extract_group, pass_loader
 
@@ -34,7 +35,8 @@ def load_network(cfg: Config, path: Path, device: torch.device) -> SFRSNet:
     m = cfg.model
     ckpt = load_checkpoint(path)
     net = build_model(m.backbone, weights=None, num_clusters=m.num_clusters, trainable=m.trainable, layer=m.layer,
-                      input_norm=config_input_norm(m, ckpt.get("config")))
+                      input_norm=config_input_norm(m, ckpt.get("config")),
+                      freeze_batchnorm=config_freeze_batchnorm(m, ckpt.get("config")))
     net.load_state_dict(ckpt["model"])
     return net.requires_grad_(False).to(device).eval()
 
@@ -58,12 +60,15 @@ def compute_shard(net: SFRSNet, cfg: Config, manifest: Manifest, sid: str, train
     loader = pass_loader(manifest, sid, "db", cfg.data)
     parts = []
     forwarded = 0
-    with torch.no_grad():
-        for batch in tqdm(loader, desc="teacher", leave=False, disable=not du.is_main_process()):
+    group = f"{sid}_db"
+    with Progress(expected_count(manifest, group, du.get_rank(), du.get_world_size()), f"teacher {group}",
+                  unit="img") as bar, torch.no_grad():
+        for batch in loader:
             ids = np.asarray([row[k] for k in batch["key"]], dtype=np.int64)
             regions = net(batch["image"].to(device), regions=True).float().cpu().numpy()
             forwarded += len(ids)
             parts.append(tc.region_query_similarities(ids, regions, q_globals, owners))
+            bar.update(len(ids))
     forwarded += int(np.ceil(len(train_pos) / du.get_world_size()))
     if not parts:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 9), np.float32), forwarded

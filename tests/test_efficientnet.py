@@ -316,3 +316,24 @@ def test_model_config_keys():
         ModelConfig(input_norm="caffe")
     with pytest.raises(ConfigError, match="model.backbone"):
         ModelConfig(backbone="efficientnet_b0")
+
+
+def test_freeze_batchnorm_fixes_trainable_stages_too():
+    torch.manual_seed(0)
+    plain = build_model("efficientnet_lite0", weights=None, num_clusters=4)
+    frozen = build_model("efficientnet_lite0", weights=None, num_clusters=4, freeze_batchnorm=True)
+    trainable_bn = [m for m in plain.backbone.modules() if type(m).__name__ == "BatchNormAct2d"]
+    assert trainable_bn  # the default trainable stage keeps batch norms that learn
+    assert not [m for m in frozen.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in frozen.backbone.stage5.modules())
+    # trainable convolutions still learn; the same weights give the same eval-mode output
+    assert any(p.requires_grad for p in frozen.backbone.stage5.parameters())
+    frozen.load_state_dict({k: v for k, v in plain.state_dict().items() if "num_batches_tracked" not in k})
+    x = torch.randn(2, 3, 64, 64) * 60
+    with torch.no_grad():
+        torch.testing.assert_close(frozen.eval()(x), plain.eval()(x))
+    # in training mode the frozen network's statistics do not move
+    before = [b.clone() for n, b in frozen.named_buffers() if "running_mean" in n]
+    frozen.train()(x)
+    after = [b for n, b in frozen.named_buffers() if "running_mean" in n]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))

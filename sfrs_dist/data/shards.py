@@ -351,13 +351,13 @@ def build_shards(
         resize: ``(height, width)`` box to store resized JPEGs in, or None for original bytes.
         skip_bad: leave unreadable images out (listed under ``skipped``) instead of failing.
         source: description of the raw data (dataset, root, scale) stored in the manifest.
-        progress: show a tqdm progress bar.
+        progress: report progress (a bar on a terminal, log lines otherwise).
 
     Raises:
         BadImageError: an image cannot be read or decoded (``skip_bad`` false); the message
             names the sample key and the file.
     """
-    from tqdm import tqdm
+    from ..progress import Progress
 
     out_dir = Path(out_dir)
     (out_dir / INFO_DIR).mkdir(parents=True, exist_ok=True)
@@ -367,7 +367,7 @@ def build_shards(
     args = [(t, out_dir, resize, skip_bad) for t in tasks]
     total = sum(len(t.records) for t in tasks)
     results: List[ShardResult] = []
-    bar = tqdm(total=total, unit="img", desc=f"shards -> {out_dir.name}", disable=not progress)
+    bar = Progress(total, f"shards -> {out_dir.name}", unit="img", enabled=progress)
     try:
         if workers <= 1 or len(tasks) <= 1:
             for a in args:

@@ -1198,10 +1198,10 @@ def render_jobs(
     progress: bool = False,
 ) -> None:
     """Render and write every job, in ``workers`` processes (the output does not depend on it)."""
-    from tqdm import tqdm
+    from ..progress import Progress
 
     str_roots = {k: str(v) for k, v in roots.items()}
-    bar = tqdm(total=len(jobs), desc="rendering", unit="img", disable=not progress)
+    bar = Progress(len(jobs), "rendering", unit="img", enabled=progress)
     try:
         if workers <= 1:
             _init_worker(cities, str_roots, size, quality)
@@ -1316,7 +1316,7 @@ def generate(
         seed: seed of everything; the same seed gives byte-identical files.
         image_size: (H, W) of every image.
         workers: rendering processes; the output does not depend on it.
-        progress: show a tqdm progress bar.
+        progress: report progress (a bar on a terminal, log lines otherwise).
         **overrides: ``places`` (rescale the preset) or any ``SyntheticConfig`` field.
     """
     out_root = Path(out_root)

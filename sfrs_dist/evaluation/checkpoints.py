@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..models import SFRSNet, build_model, config_input_norm
+from ..models import SFRSNet, build_model, config_freeze_batchnorm, config_input_norm
 from ..models.openibl import build_model_from_openibl
 from ..training.checkpoint import load_checkpoint
 
@@ -29,7 +29,8 @@ def load_for_eval(cfg: Config, path: Path, device: torch.device) -> SFRSNet:
     if isinstance(raw, dict) and "model" in raw and isinstance(raw["model"], dict):
         m = cfg.model
         net = build_model(m.backbone, weights=None, num_clusters=m.num_clusters, trainable=m.trainable, layer=m.layer,
-                          input_norm=config_input_norm(m, raw.get("config")))
+                          input_norm=config_input_norm(m, raw.get("config")),
+                          freeze_batchnorm=config_freeze_batchnorm(m, raw.get("config")))
         try:
             net.load_state_dict(raw["model"])
         except RuntimeError as exc:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from sfrs_dist.distributed import all_gather_object, is_main_process
+from sfrs_dist.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 def extract_descriptors(model_fn: Callable[[torch.Tensor], torch.Tensor],
                         loader: Iterable[Mapping], dim: int, device: torch.device,
                         autocast_dtype: Optional[torch.dtype] = None,
-                        progress: bool = True) -> Tuple[List[str], np.ndarray]:
+                        progress: bool = True, total: Optional[int] = None,
+                        desc: str = "extract") -> Tuple[List[str], np.ndarray]:
     """Run ``model_fn`` over batches of ``{"key": [str, ...], "image": (B, 3, H, W)}``.
 
     Args:
@@ -31,7 +33,10 @@ def extract_descriptors(model_fn: Callable[[torch.Tensor], torch.Tensor],
         dim: expected descriptor dimension (checked).
         device: where images are moved before ``model_fn``.
         autocast_dtype: run under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``).
-        progress: show a progress bar on rank 0.
+        progress: report progress on rank 0 (``sfrs_dist.progress``: a bar on a terminal,
+            a log line every few seconds otherwise).
+        total: images this rank will see (for the bar's total), if known.
+        desc: name of the pass in the progress report.
 
     Returns:
         (keys, descriptors): the keys in the order seen and a (n, dim) float32 array.
@@ -39,13 +44,9 @@ def extract_descriptors(model_fn: Callable[[torch.Tensor], torch.Tensor],
     device = torch.device(device)
     keys: List[str] = []
     parts: List[np.ndarray] = []
-    batches = loader
-    if progress and is_main_process():
-        from tqdm import tqdm
-
-        batches = tqdm(loader, desc="extract", unit="batch", leave=False)
-    with torch.no_grad():
-        for bi, batch in enumerate(batches):
+    report = Progress(total, desc, unit="img", enabled=progress and is_main_process())
+    with report, torch.no_grad():
+        for bi, batch in enumerate(loader):
             if "key" not in batch or "image" not in batch:
                 raise KeyError(f"batch {bi} lacks 'key' or 'image' (has {sorted(batch)})")
             batch_keys = [batch["key"]] if isinstance(batch["key"], str) else list(batch["key"])
@@ -60,6 +61,7 @@ def extract_descriptors(model_fn: Callable[[torch.Tensor], torch.Tensor],
                                  f"{len(batch_keys)} keys, expected ({len(batch_keys)}, {dim})")
             keys.extend(str(k) for k in batch_keys)
             parts.append(out.float().cpu().numpy())
+            report.update(len(batch_keys))
     descs = np.concatenate(parts, axis=0) if parts else np.empty((0, dim), dtype=np.float32)
     return keys, descs
 

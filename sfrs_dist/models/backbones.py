@@ -75,8 +75,12 @@ def build_backbone(
     weights: Optional[str] = None,
     trainable: TrainableSpec = None,
     layer: Optional[str] = None,
+    freeze_batchnorm: bool = False,
 ) -> Tuple[nn.Sequential, int, int]:
     """Build a backbone; return ``(module, out_channels, stride)``.
+
+    ``freeze_batchnorm`` fixes every batch norm (statistics and affine), trainable layers
+    included: a training step sees one tuple of correlated images, a poor batch for BN.
 
     Args:
         name: one of ``vgg16``, ``resnet18``, ``resnet50``, ``smallcnn``,
@@ -117,6 +121,9 @@ def build_backbone(
     else:
         module, channels, stride = _smallcnn(weights, layer)
     freeze_layers(module, name, trainable)
+    if freeze_batchnorm:
+        for child_name, child in list(module.named_children()):
+            _freeze_batchnorm(module, child_name, child)
     return module, channels, stride
 
 

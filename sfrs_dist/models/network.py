@@ -162,6 +162,15 @@ def config_input_norm(model_cfg: Any, saved_config: Optional[Mapping[str, Any]] 
     return resolve_input_norm(model_cfg.backbone, model_cfg.weights, "auto")
 
 
+def config_freeze_batchnorm(model_cfg: Any, saved_config: Optional[Mapping[str, Any]] = None) -> bool:
+    """Whether the network of a checkpoint was built with frozen batch norms (its saved config
+    decides; else ``model_cfg``), so its state dict loads."""
+    saved = saved_config.get("model") if isinstance(saved_config, Mapping) else None
+    if isinstance(saved, Mapping) and "freeze_batchnorm" in saved:
+        return bool(saved["freeze_batchnorm"])
+    return bool(getattr(model_cfg, "freeze_batchnorm", False))
+
+
 def regions_from_quarters(quarters: torch.Tensor) -> torch.Tensor:
     """Combine quarter residual sums (B, 4, K, D) [tl, tr, bl, br] into the 9 regions (B, 9, K, D)."""
     if quarters.dim() != 4 or quarters.shape[1] != 4:
@@ -316,6 +325,7 @@ def build_model(
     checkpointing: bool = False,
     alpha: float = 100.0,
     input_norm: str = "auto",
+    freeze_batchnorm: bool = False,
 ) -> SFRSNet:
     """Build an :class:`SFRSNet`.
 
@@ -331,6 +341,7 @@ def build_model(
         layer: cut point, see :func:`build_backbone`.
         checkpointing: gradient checkpointing of the backbone in training.
         alpha: soft-assignment sharpness before k-means initialisation replaces it.
+        freeze_batchnorm: fix every batch norm of the backbone (see :func:`build_backbone`).
         input_norm: ``auto`` (from backbone and weights, see :func:`resolve_input_norm`),
             ``netvlad``, ``imagenet`` or ``tf``. Building with ``weights=None`` to load a
             checkpoint, pass the training run's choice (:func:`config_input_norm`).
@@ -338,7 +349,8 @@ def build_model(
     The NetVLAD layer starts random; initialise it with
     :func:`sfrs_dist.models.init_netvlad_from_descriptors` before training.
     """
-    module, channels, stride = build_backbone(backbone, weights=weights, trainable=trainable, layer=layer)
+    module, channels, stride = build_backbone(backbone, weights=weights, trainable=trainable, layer=layer,
+                                              freeze_batchnorm=freeze_batchnorm)
     norm = resolve_input_norm(backbone, weights, input_norm)
     log.info("%s input normalisation: %s (model.input_norm %s, weights %s)", backbone, norm, input_norm, weights)
     netvlad = NetVLAD(num_clusters=num_clusters, dim=channels, alpha=alpha)

@@ -65,7 +65,8 @@ def build_student(cfg: Config, manifest: Manifest, sid: str, cache_dir: Path, de
     m = cfg.model
     torch.manual_seed(cfg.train.seed)
     net = build_model(m.backbone, weights=m.weights, num_clusters=m.num_clusters, trainable=m.trainable,
-                      layer=m.layer, checkpointing=m.grad_checkpointing, input_norm=m.input_norm).to(device)
+                      layer=m.layer, checkpointing=m.grad_checkpointing, input_norm=m.input_norm,
+                      freeze_batchnorm=m.freeze_batchnorm).to(device)
     fingerprint = state_fingerprint(net.backbone, m.num_clusters, cfg.train.seed, manifest.source,
                                     sid, tuple(cfg.data.image_size), m.init_descriptors, m.init_images,
                                     "random queries+database", net.input_adapter.mode)

@@ -12,9 +12,10 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from .. import distributed as du
 from ..config import DataConfig
 from ..data.manifest import Manifest
-from ..data.streaming import make_pass_loader
+from ..data.streaming import expected_count, make_pass_loader
 from ..data.transforms import make_transform
 from ..evaluation.extract import extract_descriptors, gather_descriptors
 
@@ -53,8 +54,10 @@ def extract_group(
 ) -> np.ndarray:
     """Descriptors of every sample of ``<sid>_<role>`` in manifest order, on every rank."""
     loader = pass_loader(manifest, sid, role, data, kind)
+    group = f"{sid}_{role}"
     keys, descs = extract_descriptors(
-        fn, loader, dim, device, autocast_dtype=torch.bfloat16 if bf16 else None
+        fn, loader, dim, device, autocast_dtype=torch.bfloat16 if bf16 else None,
+        total=expected_count(manifest, group, du.get_rank(), du.get_world_size()), desc=f"extract {group}",
     )
     return gather_descriptors(keys, descs, manifest.group_keys(f"{sid}_{role}"))
 

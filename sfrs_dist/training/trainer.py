@@ -17,7 +17,6 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .. import distributed as du
 from ..config import Config, save_config
@@ -34,6 +33,7 @@ from ..mining import (
     mean_pair_similarity,
     mine_subset,
 )
+from ..progress import Progress
 from ..teacher import run_teacher_pass
 from ..tracking import Tracker, build_tracker, git_commit
 from .checkpoint import (
@@ -219,12 +219,8 @@ class Trainer:
             self.tracker.log_metrics(timings, step=self.state.step)
             self.state.subset += 1
             self._save(engine, neg_cache)
-        val = {}
-        if cfg.data.val_set and cfg.data.val_set in self.manifest.splits:
-            net = engine.eval_network()
-            with eval_mode(net):
-                val = evaluate_splits(net, net.output_dim, self.manifest, [cfg.data.val_set],
-                                      cfg.data, self.device, cfg.eval.recall_ns, bf16=cfg.eval.bf16)
+        val = self._validate(engine.eval_network())
+        if val:
             self.tracker.log_metrics({**flat_metrics(val), "epoch": epoch}, step=self.state.step)
         self.history.setdefault(gen, {}).setdefault("epochs", []).append({"epoch": epoch, "val": val})
         self._keep_best(engine, gen, val)
@@ -232,6 +228,15 @@ class Trainer:
         log.info("generation %d epoch %d: %d steps, loss %.4f, %.1f s%s", gen, epoch, len(losses),
                  float(np.mean(losses)) if losses else float("nan"), time.time() - t_epoch,
                  "".join(f", val R@{n} {100 * v:.1f}" for n, v in r.items()))
+
+    def _validate(self, net) -> Dict:
+        """Recall on ``data.val_set`` (no PCA), or ``{}`` without a validation split."""
+        cfg = self.cfg
+        if not (cfg.data.val_set and cfg.data.val_set in self.manifest.splits):
+            return {}
+        with eval_mode(net):
+            return evaluate_splits(net, net.output_dim, self.manifest, [cfg.data.val_set], cfg.data, self.device,
+                                   cfg.eval.recall_ns, bf16=cfg.eval.bf16)
 
     # --------------------------------------------------------------- mining
     def _refresh(self, engine, gen: int, epoch: int, s: int, subset: np.ndarray, neg_cache):
@@ -278,9 +283,9 @@ class Trainer:
         tau = cfg.temperature(gen)
         tau0 = cfg.loss.temperatures[0]
         losses = []
-        bar = tqdm(loader, total=steps, desc=f"g{gen} e{epoch} s{s}", leave=False, disable=not du.is_main_process())
+        bar = Progress(steps, f"train generation {gen} epoch {epoch} subset {s}", unit="step")
         t0 = time.time()
-        for batch in bar:
+        for batch in loader:
             loss, parts = self._loss(engine, batch, gen, tau0, tau, teacher)
             engine.backward_step(loss)
             self.state.step += 1
@@ -293,6 +298,8 @@ class Trainer:
                                           "tuples_per_s": len(losses) * per_step / max(elapsed, 1e-9)},
                                          step=self.state.step)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.update()
+        bar.close()
         return losses
 
     def _loss(self, engine, batch, gen: int, tau0: float, tau: float, teacher):
@@ -363,9 +370,10 @@ class Trainer:
     def _report_untrained(self, net) -> None:
         """The off-the-shelf baseline: backbone weights + NetVLAD init, no training."""
         tables, _ = self._test(net, 0, tag="untrained")
-        self.untrained = {"test": tables}
-        self.tracker.log_metrics({f"untrained/{k}": v for k, v in flat_metrics(tables).items()}, step=0,
-                                 parent=True)
+        val = self._validate(net)
+        self.untrained = {"test": tables, "val": val}
+        self.tracker.log_metrics({f"untrained/{k}": v for k, v in flat_metrics({**tables, **val}).items()},
+                                 step=0, parent=True)
 
     def _report_selected(self) -> None:
         """The reference's reported network: best validation Recall@5 over all generations and
