@@ -28,6 +28,7 @@ from sfrs_dist.evaluation.pca import PCAWhitening
 from sfrs_dist.evaluation.recall import format_recall_table
 from sfrs_dist.evaluation.runner import evaluate_splits
 from sfrs_dist.logging_utils import setup_logging
+from sfrs_dist.precision import log_choice, resolve_config
 
 log = logging.getLogger("evaluate")
 
@@ -63,6 +64,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     info = du.init_distributed(timeout_s=cfg.run.dist_timeout_s)
     setup_logging()
+    cfg, precision = resolve_config(cfg, info.device)  # eval.bf16 auto
+    log_choice(precision)
     try:
         pca = PCAWhitening.load(args.pca) if args.pca else None
         results = {}

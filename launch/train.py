@@ -12,6 +12,7 @@ from sfrs_dist import distributed as du
 from sfrs_dist.config import ConfigError, check_resume, load_config_for_launch
 from sfrs_dist.data.test_sets import locate_splits
 from sfrs_dist.logging_utils import setup_logging
+from sfrs_dist.precision import apply_choice, log_choice, resolve_config, saved_run_config
 from sfrs_dist.tracking import default_tracking_uri
 from sfrs_dist.training.checkpoint import latest_checkpoint
 from sfrs_dist.training.report import generation_table
@@ -30,7 +31,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if cfg is None:
         return 2
     try:  # before any process group: every rank stops with one message
-        check_resume(cfg, cfg.run.out_dir, latest_checkpoint(Path(cfg.run.out_dir) / "checkpoints") is not None)
+        has_checkpoints = latest_checkpoint(Path(cfg.run.out_dir) / "checkpoints") is not None
+        # 'auto' precision: a resumed run keeps its own, a new one follows the hardware
+        cfg, precision = resolve_config(cfg, du.default_device(),
+                                        saved=saved_run_config(cfg, cfg.run.out_dir, has_checkpoints))
+        check_resume(cfg, cfg.run.out_dir, has_checkpoints)
         locate_splits(cfg.data, cfg.data.test_sets)
     except ConfigError as exc:
         if du.launch_rank() == 0:
@@ -40,8 +45,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logging()
     log.info("command: %s", " ".join(sys.argv))
     log.info("world size %d, backend %s, device %s", info.world_size, info.backend, info.device)
+    choices = du.all_gather_object(precision)
+    if any(c != choices[0] for c in choices):
+        log.warning("ranks resolved precision differently (%s); every rank uses rank 0's", sorted({str(c) for c in choices}))
+        precision = choices[0]
+        cfg = apply_choice(cfg, precision)
+    log_choice(precision)
     try:
-        trainer = Trainer(cfg, info.device)
+        trainer = Trainer(cfg, info.device, precision=precision)
         history = trainer.run()
         if du.is_main_process():
             print("\nRecall@N on the test sets, per generation (generation 0 = SARE baseline):")

@@ -14,7 +14,7 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -28,6 +28,11 @@ class ConfigError(ValueError):
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
+
+
+def _is_auto_flag(value: Any) -> bool:
+    """True, False or ``"auto"`` (resolved at start by sfrs_dist.precision)."""
+    return value is True or value is False or value == "auto"
 
 
 @dataclass
@@ -145,8 +150,9 @@ class MiningConfig:
     """Local query expansion size."""
     lam: float = 0.1
     """Weight of the original distance in the re-ranked distance."""
-    bf16_search: bool = False
-    """bf16 candidate search with exact fp32 re-scoring of the short list."""
+    bf16_search: Union[bool, str] = "auto"
+    """bf16 candidate search with exact fp32 re-scoring of the short list: true, false or auto
+    (on where the CPU computes bf16 natively and faiss has no GPU; see sfrs_dist/precision.py)."""
 
     def __post_init__(self) -> None:
         for name in ("cache_subset_size", "neg_pool", "num_negatives", "difficult_candidates", "k1", "k2"):
@@ -154,6 +160,7 @@ class MiningConfig:
         _check(0 <= self.num_difficult <= self.difficult_candidates,
                "mining.num_difficult must lie in [0, mining.difficult_candidates]")
         _check(0.0 <= self.lam <= 1.0, f"mining.lam must lie in [0, 1], got {self.lam}")
+        _check(_is_auto_flag(self.bf16_search), f"mining.bf16_search must be true, false or auto, got {self.bf16_search!r}")
 
 
 @dataclass
@@ -180,8 +187,9 @@ class TrainConfig:
     """Training engine: ddp or deepspeed."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage (engine: deepspeed)."""
-    precision: str = "fp32"
-    """fp32, bf16 or fp16 (fp16 needs CUDA)."""
+    precision: str = "auto"
+    """fp32, bf16, fp16 (needs CUDA) or auto: bf16 where the device computes it natively (CUDA
+    compute capability >= 8.0; a CPU with AMX/AVX512-BF16), fp32 elsewhere (sfrs_dist/precision.py)."""
     seed: int = 42
     """Seed of everything random."""
     log_every: int = 10
@@ -195,8 +203,8 @@ class TrainConfig:
         _check(self.batch_size >= 1, "train.batch_size must be >= 1")
         _check(self.engine in ("ddp", "deepspeed"), f"train.engine must be ddp or deepspeed, got {self.engine!r}")
         _check(self.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0-3, got {self.zero_stage}")
-        _check(self.precision in ("fp32", "bf16", "fp16"),
-               f"train.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        _check(self.precision in ("fp32", "bf16", "fp16", "auto"),
+               f"train.precision must be fp32, bf16, fp16 or auto, got {self.precision!r}")
         _check(self.lr > 0, "train.lr must be > 0")
 
 
@@ -208,8 +216,9 @@ class EvalConfig:
     """PCA-whitening output dimension (0: no PCA)."""
     pca_samples: int = 10000
     """Training descriptors the PCA is fitted on."""
-    bf16: bool = False
-    """bf16 autocast for extraction and candidate search (fp32 path stays exact)."""
+    bf16: Union[bool, str] = "auto"
+    """bf16 autocast for extraction and candidate search (fp32 path stays exact): true, false or
+    auto (on where the device and the CPU compute bf16 natively and faiss has no GPU)."""
     test_untrained: bool = False
     """Also test the untrained network (backbone weights + NetVLAD init) before generation 0:
     the off-the-shelf baseline, logged to the parent run as ``untrained/...``."""
@@ -217,6 +226,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _check(all(n > 0 for n in self.recall_ns), "eval.recall_ns must be positive")
         _check(self.pca_dim >= 0, "eval.pca_dim must be >= 0")
+        _check(_is_auto_flag(self.bf16), f"eval.bf16 must be true, false or auto, got {self.bf16!r}")
 
 
 @dataclass
@@ -273,7 +283,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        errors = []
+        for a in inner:  # the first member the value fits
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        names = {bool: "true/false", str: "a string", int: "an integer", float: "a number"}
+        raise ConfigError(f"{where}: expected {' or '.join(names.get(a, str(a)) for a in inner)}, got {value!r}")
     if origin in (list, List, Sequence, tuple, Tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")

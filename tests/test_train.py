@@ -147,6 +147,12 @@ def test_deepspeed_bf16_one_generation_same_steps_and_resume(ddp_job, synthetic_
     assert "pitts30k_test" in ck["history"][0]["test"]
     final = _fp32_weights(ckpts / "generation00_final.pt")
     _fp32_weights(ckpts / "generation00_best.pt")
+    # the precision choice is a parameter of the job's parent run
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("sfrs").experiment_id])
+    params = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags).data.params
+    assert (params["train.precision"], params["precision.train"]) == ("bf16", "bf16")
+    assert params["precision.sources"].startswith("explicit,")
     # resume from the last mid-epoch checkpoint: DeepSpeed reloads its ZeRO partitions
     mid = max(p for p in ckpts.glob("ckpt_g00_e000_s*.pt"))
     run(torchrun(args + ["--set", f"run.resume={mid}"], extra=["--standalone"]), tmp_path / "log2")

@@ -24,6 +24,7 @@ from sfrs_dist.config import MiningConfig
 from sfrs_dist.distributed import all_gather_object, get_rank, get_world_size
 from sfrs_dist.mining.knn import pair_inner_products, self_farthest, self_topk, shard_range
 from sfrs_dist.mining.rerank import rerank_pair_distances
+from sfrs_dist.precision import search_bf16
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,9 @@ class KnnGraph(NamedTuple):
 
 def build_knn_graph(feats: np.ndarray, cfg: MiningConfig) -> KnnGraph:
     """kNN lists (``max(k1 + 1, k2)`` columns) and farthest scores, computed across ranks."""
-    scores, ids = self_topk(feats, max(cfg.k1 + 1, cfg.k2), bf16=cfg.bf16_search)
-    return KnnGraph(scores, ids, self_farthest(feats, bf16=cfg.bf16_search))
+    bf16 = search_bf16(cfg.bf16_search)  # 'auto' when the caller did not resolve the config
+    scores, ids = self_topk(feats, max(cfg.k1 + 1, cfg.k2), bf16=bf16)
+    return KnnGraph(scores, ids, self_farthest(feats, bf16=bf16))
 
 
 @dataclass(frozen=True)

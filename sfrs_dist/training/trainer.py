@@ -33,6 +33,7 @@ from ..mining import (
     mean_pair_similarity,
     mine_subset,
 )
+from ..precision import PrecisionChoice, is_resolved, log_choice, resolve_config
 from ..progress import Progress
 from ..teacher import run_teacher_pass
 from ..tracking import Tracker, build_tracker, git_commit
@@ -83,8 +84,12 @@ def seed_for(*parts: int) -> int:
 class Trainer:
     """Runs a whole job; every rank builds one and calls ``run()``."""
 
-    def __init__(self, cfg: Config, device: torch.device) -> None:
+    def __init__(self, cfg: Config, device: torch.device, precision: Optional[PrecisionChoice] = None) -> None:
+        if precision is None or not is_resolved(cfg):  # launch/train.py resolves before the resume check
+            cfg, precision = resolve_config(cfg, device)
+            log_choice(precision)
         self.cfg = cfg
+        self.precision = precision
         self.device = device
         self.rank, self.world = du.get_rank(), du.get_world_size()
         self.run_dir = Path(cfg.run.out_dir)
@@ -120,7 +125,7 @@ class Trainer:
             if "negatives" in ckpt:
                 self.neg_cache = NegativeCache.from_state_dict(ckpt["negatives"])
             log.info("resuming from %s at %s", resume, self.state)
-        self.tracker.start_job(cfg.tracking.run_name or self.run_dir.name, cfg.flat(),
+        self.tracker.start_job(cfg.tracking.run_name or self.run_dir.name, {**cfg.flat(), **self.precision.params()},
                                {"git_commit": git_commit(), "world_size": str(self.world)})
         self.tracker.log_artifact(self.run_dir / "config.yaml")
         try:
