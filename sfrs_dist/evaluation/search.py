@@ -3,7 +3,9 @@
 Two paths, both without a dense query x database matrix:
 
 * exact: faiss flat inner-product search. On GPU (``faiss.get_num_gpus() > 0``) an
-  ``IndexFlatIP`` sharded over all GPUs; on CPU ``faiss.knn`` with the inner-product metric,
+  ``IndexFlatIP`` on this process's GPU (the local rank's: the node's other GPUs belong to
+  the other ranks), with one ``StandardGpuResources`` per process reused across searches;
+  on CPU ``faiss.knn`` with the inner-product metric,
   the same blocked BLAS + per-query heap as ``IndexFlatIP.search`` but reading the caller's
   array instead of copying the database into an index. Memory stays at the database plus
   one block of scores.
@@ -24,11 +26,13 @@ Missing results (``k`` larger than the database) get index -1 and score -inf.
 from __future__ import annotations
 
 import logging
-from typing import Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import faiss
 import numpy as np
 import torch
+
+from sfrs_dist.distributed import get_local_rank
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,22 @@ def num_faiss_gpus() -> int:
     """Number of GPUs faiss can use (0 for the CPU-only build)."""
     get = getattr(faiss, "get_num_gpus", None)
     return int(get()) if get is not None else 0
+
+
+_GPU_RESOURCES: Dict[int, Any] = {}
+
+
+def local_gpu() -> int:
+    """The GPU faiss searches on in this process: the local rank's, modulo the GPUs faiss sees."""
+    return get_local_rank() % max(num_faiss_gpus(), 1)
+
+
+def gpu_resources(device: Optional[int] = None) -> "faiss.StandardGpuResources":
+    """One ``StandardGpuResources`` per GPU and process, made on first use and reused after."""
+    device = local_gpu() if device is None else int(device)
+    if device not in _GPU_RESOURCES:
+        _GPU_RESOURCES[device] = faiss.StandardGpuResources()
+    return _GPU_RESOURCES[device]
 
 
 def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
@@ -67,12 +87,10 @@ def _resolve_gpu(use_gpu: Union[str, bool], k: int) -> bool:
 
 
 def build_flat_index(db: np.ndarray, use_gpu: bool) -> "faiss.Index":
-    """An exact inner-product index over ``db`` (G, D) float32, on all GPUs or on CPU."""
+    """An exact inner-product index over ``db`` (G, D) float32, on this process's GPU or on CPU."""
     index = faiss.IndexFlatIP(db.shape[1])
     if use_gpu:
-        co = faiss.GpuMultipleClonerOptions()
-        co.shard = True
-        index = faiss.index_cpu_to_all_gpus(index, co=co)
+        index = faiss.index_cpu_to_gpu(gpu_resources(), local_gpu(), index)
     index.add(db)
     return index
 
