@@ -117,3 +117,25 @@ def test_deepspeed_bf16_steps_fp32_checkpoint_and_resume(results, case):
         assert r["resume_max_diff"] == 0.0
     # every rank extracts with the same weights and batch-norm statistics
     assert r0["eval_desc"] == r1["eval_desc"]
+
+
+def test_ddp_fp16_scales_the_loss_and_checkpoints_the_scale(tmp_path):
+    """fp16 autocast trains with a GradScaler (CUDA in practice; its bookkeeping runs on CPU too)."""
+    from torch import nn
+
+    from sfrs_dist.training.engine import DDPEngine, make_sgd
+
+    def engine():
+        torch.manual_seed(0)
+        m = nn.Linear(4, 2)
+        return DDPEngine(m, make_sgd(m.parameters(), 0.1, 0.9, 0.0), torch.device("cpu"), "fp16")
+
+    e = engine()
+    for _ in range(2):
+        e.backward_step(e.module(torch.ones(3, 4)).pow(2).mean())
+    state = e.checkpoint_state(tmp_path / "ckpt.pt")
+    assert state["grad_scaler"]["scale"] == 65536.0 and state["grad_scaler"]["_growth_tracker"] == 2
+    again = engine()
+    again.load_checkpoint_state(state, tmp_path / "ckpt.pt")
+    assert again.scaler.state_dict() == e.scaler.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(again.module.parameters(), e.module.parameters()))

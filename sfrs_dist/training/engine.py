@@ -111,6 +111,8 @@ class DDPEngine(_Engine):
         self.device = device
         self.precision = precision
         self.optimizer = optimizer
+        # fp16 autocast needs loss scaling: small activation gradients underflow in fp16
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         if du.is_distributed() and du.get_world_size() > 1:
             ids = [device.index] if device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
@@ -123,8 +125,24 @@ class DDPEngine(_Engine):
 
     def backward_step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def checkpoint_state(self, path: Path) -> Dict[str, Any]:
+        out = super().checkpoint_state(path)
+        if self.scaler is not None:
+            out["grad_scaler"] = self.scaler.state_dict()
+        return out
+
+    def load_checkpoint_state(self, ckpt: Dict[str, Any], path: Path) -> None:
+        super().load_checkpoint_state(ckpt, path)
+        if self.scaler is not None and "grad_scaler" in ckpt:
+            self.scaler.load_state_dict(ckpt["grad_scaler"])
 
 
 class _Fp32AffineBatchNorm:
