@@ -199,6 +199,10 @@ class DeepSpeedEngine(_Engine):
                  precision: str = "fp32", zero_stage: int = 0, micro_batch: int = 1) -> None:
         import deepspeed
 
+        if zero_stage not in (0, 1, 2):
+            # ZeRO-3 partitions the parameters themselves: the extraction passes (each rank a
+            # different number of batches) would need every rank in lockstep to gather them.
+            raise ValueError(f"train.zero_stage {zero_stage} is not supported with this trainer; use 0, 1 or 2")
         if not du.is_distributed():
             deepspeed.init_distributed(dist_backend=du.default_backend())
         config = {
