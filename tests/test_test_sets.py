@@ -28,3 +28,19 @@ def test_a_split_in_none_or_in_two_sets_is_a_config_error(split_shard_sets, synt
     # the same folder twice is one shard set
     same = locate_splits(DataConfig(shards=str(pitts), test_shards=[str(pitts)]), ["pitts30k_test"])
     assert same["pitts30k_test"].root == pitts
+
+
+def test_train_with_a_missing_shard_folder_stops_with_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(repo / "launch" / "train.py"), "--config", str(repo / "configs" / "tiny.yaml"),
+                           "--set", f"data.shards={tmp_path / 'nowhere'}", "--set", f"run.out_dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, cwd=repo, timeout=120)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert lines[0].startswith("config error: data.shards: ") and "nowhere" in lines[0] and "build_shards" in lines[0]
+    assert not (tmp_path / "run").exists()  # nothing written

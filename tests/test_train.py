@@ -92,12 +92,10 @@ def test_ddp_two_generations_tracked_in_mlflow(ddp_job):
     best = max((ck["history"][g]["best_val_r5"], -g) for g in (0, 1))
     sel = ck["selected"]
     assert sel["generation"] == -best[1] and sel["val_recall5"] == best[0]
-    # one epoch per generation: the best network is that generation's final one (same PCA seed),
-    # evaluated again after loading: recalls agree up to near-ties of a barely trained network
-    for sid, (table, counts) in ck["history"][sel["generation"]]["test"].items():
-        for cond, row in table.items():
-            for n, v in row.items():
-                assert abs(sel["test"][sid][0][cond][n] - v) <= 2.0 / counts[cond] + 1e-9, (sid, cond, n)
+    # one epoch per generation: the best network is that generation's final one, whose tables
+    # (same network, same PCA seed) are reused instead of testing it twice
+    assert ck["history"][sel["generation"]]["best_epoch"] == 0
+    assert sel["test"] == ck["history"][sel["generation"]]["test"]
     pm = parents[0].data.metrics
     assert pm["selected/generation"] == sel["generation"]
     assert pm["selected/pitts30k_test/all/recall_5"] == pytest.approx(

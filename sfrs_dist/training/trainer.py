@@ -189,7 +189,7 @@ class Trainer:
         self.state.epoch = self.state.subset = self.state.step = self.state.epoch_step = 0
         self._save(None, self.neg_cache)
 
-    def _keep_best(self, engine, gen: int, val: Dict) -> None:
+    def _keep_best(self, engine, gen: int, epoch: int, val: Dict) -> None:
         """Save the generation's best network by validation Recall@5 (the reference's choice)."""
         sid = self.cfg.data.val_set
         if not val or sid not in val:
@@ -198,6 +198,7 @@ class Trainer:
         best = self.history[gen].get("best_val_r5", -1.0)
         if r5 > best:
             self.history[gen]["best_val_r5"] = r5
+            self.history[gen]["best_epoch"] = epoch
             model = engine.fp32_state_dict()  # every rank: a collective under DeepSpeed
             if du.is_main_process():
                 atomic_torch_save({"model": model, "generation": gen,
@@ -228,7 +229,7 @@ class Trainer:
         if val:
             self.tracker.log_metrics({**flat_metrics(val), "epoch": epoch}, step=self.state.step)
         self.history.setdefault(gen, {}).setdefault("epochs", []).append({"epoch": epoch, "val": val})
-        self._keep_best(engine, gen, val)
+        self._keep_best(engine, gen, epoch, val)
         r = val.get(cfg.data.val_set, ({}, {}))[0].get("all", {}) if val else {}
         log.info("generation %d epoch %d: %d steps, loss %.4f, %.1f s%s", gen, epoch, len(losses),
                  float(np.mean(losses)) if losses else float("nan"), time.time() - t_epoch,
@@ -388,8 +389,15 @@ class Trainer:
             log.info("no validation split: no network selected by validation Recall@5")
             return
         r5, gen = max(scored, key=lambda t: (t[0], -t[1]))  # ties: the earlier generation
-        net = load_for_eval(self.cfg, self.best_path(gen), self.device)
-        tables, pca_path = self._test(net, gen, tag="selected")
+        epochs = self.cfg.train.gen0_epochs if gen == 0 else self.cfg.train.epochs
+        if self.history[gen].get("best_epoch") == epochs - 1 and "test" in self.history[gen]:
+            # the best network is that generation's final one, already tested (same PCA seed)
+            tables = self.history[gen]["test"]
+            pca_path = self.ckpt_dir / f"generation{gen:02d}_pca.h5"
+            pca_path = pca_path if pca_path.is_file() else None
+        else:
+            net = load_for_eval(self.cfg, self.best_path(gen), self.device)
+            tables, pca_path = self._test(net, gen, tag="selected")
         self.selected = {"generation": gen, "val_recall5": r5, "test": tables}
         log.info("selected network (best validation R@5 %.1f): generation %d, %s", 100 * r5, gen,
                  self.best_path(gen).name)
