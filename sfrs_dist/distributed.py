@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -216,3 +217,29 @@ def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
 def all_reduce_int_sum(value: int) -> int:
     """Sum of an integer over all ranks, through a tensor on the collective device."""
     return int(all_reduce_sum(collective_tensor([int(value)], torch.int64)).cpu()[0])
+
+
+def broadcast_array(arr: Optional[np.ndarray], src: int, dtype: Any = np.float32) -> np.ndarray:
+    """Rank ``src``'s 2-d ``arr`` on every rank (other ranks pass ``None``): its shape first, then its rows.
+
+    Both travel as tensors on ``collective_device()`` (through a CUDA copy under NCCL). ``src``
+    gets its own array back, the others a new CPU array of ``dtype``. Identity when not
+    distributed. A collective: every rank calls it with the same ``src``.
+    """
+    mine = get_rank() == src
+    if mine:
+        arr = np.ascontiguousarray(arr, dtype=dtype)
+        if arr.ndim != 2:
+            raise ValueError(f"broadcast_array: expected a 2-d array, got shape {arr.shape}")
+    if not is_distributed():
+        return arr
+    shape = collective_tensor(list(arr.shape) if mine else [0, 0], torch.int64)
+    broadcast_tensor(shape, src)
+    rows, cols = (int(v) for v in shape.cpu().tolist())
+    if rows * cols == 0:
+        return arr if mine else np.empty((rows, cols), dtype=dtype)
+    device = collective_device()
+    buf = torch.from_numpy(arr if mine else np.empty((rows, cols), dtype=dtype))
+    t = buf.to(device)  # the same memory on CPU
+    broadcast_tensor(t, src)
+    return arr if mine else t.cpu().numpy()

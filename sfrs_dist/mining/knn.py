@@ -109,6 +109,16 @@ def pair_inner_products(feats: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.n
 
     Pairs are grouped by ``a`` into padded id rows so each ``feats[a]`` row is read once.
     """
+    return pair_inner_products_between(feats, feats, a, b)
+
+
+def pair_inner_products_between(xa: np.ndarray, xb: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``xa[a[i]] . xb[b[i]]`` in float32, one faiss dot product per pair.
+
+    Each value comes from the same kernel (``fvec_inner_product`` of the two rows, whatever
+    else is computed with it), so a pair gives the same bits wherever the two rows are
+    held; the mining relies on that to give identical results on any number of ranks.
+    """
     a = np.asarray(a, dtype=np.int64)
     b = np.asarray(b, dtype=np.int64)
     if a.shape != b.shape or a.ndim != 1:
@@ -121,7 +131,7 @@ def pair_inner_products(feats: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.n
     rows, starts, counts = np.unique(sa, return_index=True, return_counts=True)
     slot = np.arange(len(sa)) - np.repeat(starts, counts)
     width = int(counts.max())
-    chunk = max(1, _GATHER_CHUNK_BYTES // (4 * feats.shape[1]))
+    chunk = max(1, _GATHER_CHUNK_BYTES // (4 * xa.shape[1]))
     res = np.empty(len(sa), dtype=np.float32)
     for r0 in range(0, len(rows), chunk):
         r1 = min(r0 + chunk, len(rows))
@@ -129,7 +139,7 @@ def pair_inner_products(feats: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.n
         ids = np.full((r1 - r0, width), -1, dtype=np.int64)
         local_row = np.repeat(np.arange(r1 - r0), counts[r0:r1])
         ids[local_row, slot[p0:p1]] = sb[p0:p1]
-        ip = gather_inner_products(feats[rows[r0:r1]], feats, ids)
+        ip = gather_inner_products(xa[rows[r0:r1]], xb, ids)
         res[p0:p1] = ip[local_row, slot[p0:p1]]
     out[order] = res
     return out
@@ -227,15 +237,27 @@ def _merge_running(best_s: torch.Tensor, best_i: torch.Tensor, s: torch.Tensor, 
 
 
 def _bf16_candidates(local_db: np.ndarray, queries: np.ndarray, kk: int) -> np.ndarray:
-    """Local ids of the ``kk`` best bf16 scores of every query in ``local_db`` (-1 pads).
+    """Local ids of the ``kk`` best bf16 scores of every query in ``local_db`` (-1 pads)."""
+    return _bf16_search(local_db, queries, kk)[1]
 
-    A first pass against the first database block estimates each query's cut score; the
+
+def _bf16_search(local_db: np.ndarray, queries: np.ndarray, kk: int,
+                 floor: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Approximate scores and local ids of the ``kk`` best bf16 scores of every query (-1 pads).
+
+    ``floor``: an estimate of each query's selection cut (e.g. from the blocks searched
+    before); without it a first pass against the first database block estimates it. The
     full pass then computes every block around that (running) estimate.
     """
     q_n, (n, d) = queries.shape[0], local_db.shape
     block = _block_rows(d)
-    floor = torch.full((q_n,), -float("inf"))
-    for phase in (0, 1):
+    if floor is None:
+        phases = (0, 1)
+        cut = torch.full((q_n,), -float("inf"))
+    else:
+        phases = (1,)
+        cut = torch.from_numpy(np.asarray(floor, dtype=np.float32)).clone()
+    for phase in phases:
         best_s = torch.full((q_n, kk), -float("inf"))
         best_i = torch.full((q_n, kk), -1, dtype=torch.int64)
         for c0 in range(0, n if phase else min(n, block), block):
@@ -244,12 +266,33 @@ def _bf16_candidates(local_db: np.ndarray, queries: np.ndarray, kk: int) -> np.n
             zeros = torch.zeros(c1 - c0)
             for q0 in range(0, q_n, block):
                 q1 = min(q_n, q0 + block)
-                a = _cut_estimate(best_s[q0:q1], floor[q0:q1]) if phase else torch.zeros(q1 - q0)
+                a = _cut_estimate(best_s[q0:q1], cut[q0:q1]) if phase else torch.zeros(q1 - q0)
                 s = _offset_scores(_bf16_block(queries[q0:q1]), a, db_b, zeros, d)
                 ts, ti = torch.topk(s, min(kk, c1 - c0), dim=1)
                 best_s[q0:q1], best_i[q0:q1] = _merge_running(best_s[q0:q1], best_i[q0:q1], ts, ti + c0, kk)
-        floor = best_s[:, -1].clone()
-    return best_i.numpy()
+        cut = best_s[:, -1].clone()
+    return best_s.numpy(), best_i.numpy()
+
+
+def block_candidates(block: np.ndarray, queries: np.ndarray, kk: int, bf16: bool = False,
+                     floor: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Candidate neighbours of every query among the rows of ``block`` (one visiting block).
+
+    Exact: a faiss flat inner-product search (``_local_exact``: GPU where faiss has one,
+    exact ties by smaller id). bf16: the candidate search of ``_bf16_search`` around
+    ``floor``, each query's estimated cut (``None``: estimated from the block). Returns
+    ``(scores, local ids)`` of shape ``(Q, min(kk, len(block)))``, scores approximate
+    (the search's own), ``-1`` ids pad; callers re-score the candidates they keep with
+    ``pair_inner_products_between``.
+    """
+    queries = _as_f32(queries, "queries")
+    block = _as_f32(block, "block")
+    kk = min(kk, block.shape[0])
+    if kk == 0 or queries.shape[0] == 0:
+        return np.zeros((queries.shape[0], 0), np.float32), np.zeros((queries.shape[0], 0), np.int64)
+    if bf16:
+        return _bf16_search(block, queries, kk, floor)
+    return _local_exact(block, queries, kk)
 
 
 def _local_bf16(local_db: np.ndarray, queries: np.ndarray, k: int, margin: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -384,18 +427,21 @@ def self_topk(feats: np.ndarray, k: int, bf16: bool = False,
     return sort_topk(exact, cand, k)
 
 
-def self_farthest(feats: np.ndarray, bf16: bool = False) -> np.ndarray:
+def self_farthest(feats: np.ndarray, bf16: bool = False, margin: int = DEFAULT_MARGIN) -> np.ndarray:
     """Every row's smallest inner product over all rows of ``feats`` (its farthest item).
 
-    A top-1 search of the negated descriptors through ``sharded_topk`` (each rank indexes
-    its contiguous share of rows); the re-ranking's per-row distance maximum
-    (``rerank.row_maxima``) comes from it without an N x N matrix. Returns ``(N,)`` float32,
-    identical on every rank.
+    A top-``1 + margin`` search of the negated descriptors through ``sharded_topk`` (each
+    rank indexes its contiguous share of rows), the candidates re-scored one pair at a time
+    (``pair_inner_products``) and the smallest kept; the re-ranking's per-row distance
+    maximum (``rerank.row_maxima``) comes from it without an N x N matrix. Returns ``(N,)``
+    float32, identical on every rank.
     """
     feats = _as_f32(feats, "feats")
     n = feats.shape[0]
     if n == 0:
         raise ValueError("self_farthest: no items")
+    fm = min(n, 1 + margin)
     start, end = shard_range(n, get_rank(), get_world_size())
-    scores, _ = sharded_topk(feats[start:end], start, -feats, 1, bf16=bf16)
-    return -scores[:, 0]
+    _, cand = sharded_topk(feats[start:end], start, -feats, fm, bf16=bf16)
+    exact = pair_inner_products(feats, np.repeat(np.arange(n, dtype=np.int64), fm), cand.reshape(-1))
+    return exact.reshape(n, fm).min(axis=1)

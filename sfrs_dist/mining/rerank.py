@@ -24,8 +24,9 @@ them again), used here and by the dense reference:
 The sparse version needs each item's first ``k1 + 1`` neighbours with inner products
 (e.g. from ``knn.self_topk``) and each item's smallest inner product (its farthest item);
 distances of expansion members that fall outside ``p``'s list are computed exactly from
-the descriptors of just those pairs. Only the vectors of the items named in the requested
-pairs are built; nothing is N x N dense.
+the descriptors of just those pairs (``pair_products`` of a descriptor store, so the
+descriptors may be sharded across ranks). Only the vectors of the items named in the
+requested pairs are built; nothing is N x N dense.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Tuple
 import numpy as np
 import scipy.sparse as sp
 
-from sfrs_dist.mining.knn import pair_inner_products
+from sfrs_dist.mining.store import as_items
 
 
 def half_k(k1: int) -> int:
@@ -94,32 +95,57 @@ def row_maxima(min_dots: np.ndarray) -> np.ndarray:
     return np.maximum(base_distance(min_dots), np.finfo(np.float64).tiny)
 
 
-def reciprocal_vectors(feats: np.ndarray, knn_ids: np.ndarray, knn_scores: np.ndarray,
-                       rows: np.ndarray, k1: int, row_max: np.ndarray) -> sp.csr_matrix:
-    """Gaussian-kernel vectors ``V_p`` (rows sum to 1) of ``rows`` as a ``(len(rows), N)`` CSR.
-
-    ``row_max``: ``m_p`` of every item (``row_maxima``), the per-row scale of ``d'``.
-    """
-    n = knn_ids.shape[0]
+def _star_pairs(knn_ids: np.ndarray, rows: np.ndarray, k1: int) -> Tuple[np.ndarray, np.ndarray]:
+    """``(i, j)`` for every ``j in R*(rows[i])``, sorted by ``i`` then ``j``."""
+    if len(rows) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     star = expanded_reciprocal_sets(knn_ids, rows, k1)
     ri, j = star.nonzero()
-    p = np.asarray(rows, dtype=np.int64)[ri]
-    # Inner products from the neighbour lists where present, else computed for the pair.
-    width = knn_ids.shape[1]
+    return ri.astype(np.int64), j.astype(np.int64)
+
+
+def _listed_dots(knn_ids: np.ndarray, knn_scores: np.ndarray, p: np.ndarray, j: np.ndarray
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+    """Inner products of the pairs ``(p, j)`` found in ``p``'s neighbour list, and which were found."""
+    n, width = knn_ids.shape
+    dots = np.zeros(len(p), dtype=np.float64)
+    if len(p) == 0:
+        return dots, np.zeros(0, dtype=bool)
     keys = (np.repeat(np.arange(n, dtype=np.int64), width) * n + knn_ids.reshape(-1)).astype(np.int64)
     order = np.argsort(keys)
     keys, kscores = keys[order], knn_scores.reshape(-1)[order]
     want = p * n + j
     pos = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
     found = keys[pos] == want
-    dots = np.empty(len(want), dtype=np.float64)
     dots[found] = kscores[pos[found]]
-    if (~found).any():
-        dots[~found] = pair_inner_products(feats, p[~found], j[~found])
+    return dots, found
+
+
+def _kernel_vectors(ri: np.ndarray, j: np.ndarray, p: np.ndarray, dots: np.ndarray, row_max: np.ndarray,
+                    n_rows: int, n: int) -> sp.csr_matrix:
     w = np.exp(-base_distance(dots) / row_max[p])
-    v = sp.csr_matrix((w, (ri, j)), shape=(len(rows), n))
+    v = sp.csr_matrix((w, (ri, j)), shape=(n_rows, n))
     sums = np.asarray(v.sum(axis=1)).reshape(-1)
     return sp.diags(1.0 / sums) @ v
+
+
+def reciprocal_vectors(items, knn_ids: np.ndarray, knn_scores: np.ndarray,
+                       rows: np.ndarray, k1: int, row_max: np.ndarray) -> sp.csr_matrix:
+    """Gaussian-kernel vectors ``V_p`` (rows sum to 1) of ``rows`` as a ``(len(rows), N)`` CSR.
+
+    ``items``: the descriptors, an ``(N, d)`` matrix or a store (``store.DenseItems``,
+    ``store.ShardedItems``); inner products come from the neighbour lists where present,
+    else from one ``pair_products`` call (made even when none is missing: a collective for
+    the sharded store). ``row_max``: ``m_p`` of every item (``row_maxima``), the per-row
+    scale of ``d'``.
+    """
+    items = as_items(items)
+    rows = np.asarray(rows, dtype=np.int64)
+    ri, j = _star_pairs(knn_ids, rows, k1)
+    p = rows[ri]
+    dots, found = _listed_dots(knn_ids, knn_scores, p, j)
+    dots[~found] = items.pair_products(p[~found], j[~found])
+    return _kernel_vectors(ri, j, p, dots, row_max, len(rows), knn_ids.shape[0])
 
 
 def query_expansion(v_rows: sp.csr_matrix, row_pos: dict, knn_ids: np.ndarray, rows: np.ndarray,
@@ -142,13 +168,17 @@ def jaccard_rows(va: sp.csr_matrix, vb: sp.csr_matrix) -> np.ndarray:
     return 1.0 - mins / (sa + sb - mins)
 
 
-def rerank_pair_distances(feats: np.ndarray, knn_ids: np.ndarray, knn_scores: np.ndarray,
+def rerank_pair_distances(items, knn_ids: np.ndarray, knn_scores: np.ndarray,
                           min_dots: np.ndarray, a: np.ndarray, b: np.ndarray, k1: int = 20, k2: int = 1,
                           lam: float = 0.1) -> Tuple[np.ndarray, np.ndarray]:
     """Re-ranked and original distances of the item pairs ``(a[i], b[i])``.
 
     Args:
-        feats: ``(N, d)`` L2-normalised descriptors of all items.
+        items: ``(N, d)`` L2-normalised descriptors of all items, or a store of them
+            (``store.DenseItems``, ``store.ShardedItems``). Exactly one ``pair_products``
+            call is made (the pairs ``(a, b)`` and the expansion pairs missing from the
+            lists), also when there are no pairs: with the sharded store every rank calls
+            this function, each with its own pairs.
         knn_ids, knn_scores: every item's neighbour list, ``(N, K)`` with ``K >= max(k1 + 1,
             k2)``, sorted by descending inner product (ties by smaller id), self included.
         min_dots: ``(N,)`` every item's smallest inner product over all N items (its
@@ -159,24 +189,31 @@ def rerank_pair_distances(feats: np.ndarray, knn_ids: np.ndarray, knn_scores: np
         ``(final, original)``: re-ranked distances and the row-normalised base distances
         ``d'(a, b)``, float64 arrays of ``len(a)``.
     """
+    items = as_items(items)
     a = np.asarray(a, dtype=np.int64)
     b = np.asarray(b, dtype=np.int64)
-    if knn_ids.shape != knn_scores.shape or knn_ids.shape[0] != feats.shape[0]:
-        raise ValueError(f"knn_ids {knn_ids.shape}, knn_scores {knn_scores.shape} and feats "
-                         f"{feats.shape} do not describe the same items")
+    if knn_ids.shape != knn_scores.shape or knn_ids.shape[0] != len(items):
+        raise ValueError(f"knn_ids {knn_ids.shape}, knn_scores {knn_scores.shape} and the "
+                         f"{len(items)} items do not describe the same items")
     if k2 < 1 or knn_ids.shape[1] < k2:
         raise ValueError(f"k2 must lie in [1, {knn_ids.shape[1]}], got {k2}")
     _check_knn(knn_ids, k1)
     min_dots = np.asarray(min_dots, dtype=np.float64).reshape(-1)
-    if min_dots.shape[0] != feats.shape[0]:
-        raise ValueError(f"min_dots has {min_dots.shape[0]} entries for {feats.shape[0]} items")
+    if min_dots.shape[0] != len(items):
+        raise ValueError(f"min_dots has {min_dots.shape[0]} entries for {len(items)} items")
     row_max = row_maxima(min_dots)
-    original = base_distance(pair_inner_products(feats, a, b)) / row_max[a]
-    if len(a) == 0:
-        return original, original
     rows = np.unique(np.concatenate([a, b]))
     v_items = rows if k2 == 1 else np.unique(np.concatenate([rows, knn_ids[rows, :k2].reshape(-1)]))
-    v = reciprocal_vectors(feats, knn_ids, knn_scores, v_items, k1, row_max)
+    ri, j = _star_pairs(knn_ids, v_items, k1)
+    p = v_items[ri]
+    dots, found = _listed_dots(knn_ids, knn_scores, p, j)
+    miss = ~found
+    vals = items.pair_products(np.concatenate([a, p[miss]]), np.concatenate([b, j[miss]]))
+    original = base_distance(vals[: len(a)]) / row_max[a]
+    if len(a) == 0:
+        return original, original
+    dots[miss] = vals[len(a):]
+    v = _kernel_vectors(ri, j, p, dots, row_max, len(v_items), knn_ids.shape[0])
     row_pos = {int(r): i for i, r in enumerate(v_items)}
     vq = query_expansion(v, row_pos, knn_ids, rows, k2)
     ia = np.searchsorted(rows, a)

@@ -1,14 +1,18 @@
 """Training-tuple selection for one cache subset (DESIGN.md section 2).
 
-Indexing: descriptors of all items live in one ``(N, d)`` matrix ordered
-``[training queries (num_queries); database images (G)]``; database image ``j`` is item
-``num_queries + j``. Tuples name queries by training-query index and everything else by
-database index. Ground truth comes from the caller: ``train_pos[q]`` the database ids within
-10 m of query ``q``, and a sampler of true negatives (beyond 25 m).
+Indexing: items are ordered ``[training queries (num_queries); database images (G)]``;
+database image ``j`` is item ``num_queries + j``. Their descriptors live in a store
+(``store.DenseItems``: one ``(N, d)`` matrix, on every rank; ``store.ShardedItems``: each
+rank its share), which gives the kNN graph and pair products. Tuples name queries by
+training-query index and everything else by database index. Ground truth comes from the
+caller: ``train_pos[q]`` the database ids within 10 m of query ``q``, and a sampler of true
+negatives (beyond 25 m).
 
 Every score is an exact float32 inner product of L2-normalised descriptors (larger = nearer)
 computed only for the pairs needed (a query against its training positives and its ~1010
-negative candidates), never a query x database matrix. Orders break ties by smaller id.
+negative candidates, one faiss dot product per pair), never a query x database matrix.
+Orders break ties by smaller id. The tuples are the same for either store and any number
+of ranks.
 """
 
 from __future__ import annotations
@@ -16,14 +20,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
 from sfrs_dist.config import MiningConfig
-from sfrs_dist.distributed import all_gather_object, get_rank, get_world_size
-from sfrs_dist.mining.knn import pair_inner_products, self_farthest, self_topk, shard_range
+from sfrs_dist.distributed import all_gather_object
 from sfrs_dist.mining.rerank import rerank_pair_distances
+from sfrs_dist.mining.store import ItemStore, KnnGraph, as_items
 from sfrs_dist.precision import search_bf16
 
 log = logging.getLogger(__name__)
@@ -31,26 +35,14 @@ log = logging.getLogger(__name__)
 NegPoolFn = Callable[[int, np.random.Generator, int], np.ndarray]
 """``fn(query, rng, size)`` -> up to ``size`` distinct true-negative database ids of ``query``."""
 
-_DENSE_BLOCK_FACTOR = 30
-_COLUMN_CHUNK_BYTES = 64 << 20
+Items = Union[np.ndarray, ItemStore]
+"""An ``(N, d)`` descriptor matrix (wrapped in ``DenseItems``) or a descriptor store."""
 
 
-class KnnGraph(NamedTuple):
-    """What the re-ranking needs of all N items: kNN lists and each item's farthest score."""
-
-    scores: np.ndarray
-    """``(N, K)`` inner products of each item's K nearest items, descending, self included."""
-    ids: np.ndarray
-    """``(N, K)`` their item ids (ties by smaller id)."""
-    farthest: np.ndarray
-    """``(N,)`` each item's smallest inner product over all N items (the row maxima)."""
-
-
-def build_knn_graph(feats: np.ndarray, cfg: MiningConfig) -> KnnGraph:
+def build_knn_graph(items: Items, cfg: MiningConfig) -> KnnGraph:
     """kNN lists (``max(k1 + 1, k2)`` columns) and farthest scores, computed across ranks."""
     bf16 = search_bf16(cfg.bf16_search)  # 'auto' when the caller did not resolve the config
-    scores, ids = self_topk(feats, max(cfg.k1 + 1, cfg.k2), bf16=bf16)
-    return KnnGraph(scores, ids, self_farthest(feats, bf16=bf16))
+    return as_items(items).knn_graph(max(cfg.k1 + 1, cfg.k2), bf16=bf16)
 
 
 @dataclass(frozen=True)
@@ -207,57 +199,33 @@ def select_difficult_positives(cand_ids: np.ndarray, reranked: np.ndarray, max_k
     return cand_ids[np.concatenate([up, same])[:max_keep]]
 
 
-def candidate_scores(feats: np.ndarray, q_rows: np.ndarray, cand_rows: List[np.ndarray]) -> List[np.ndarray]:
-    """Exact inner products of item ``q_rows[i]`` with each item of ``cand_rows[i]``.
-
-    When the candidate lists overlap heavily (random negative pools of 1000 queries all
-    drawn from one database), the needed entries are read from query-block x
-    candidate-column products (float32 BLAS, columns in chunks, only the needed entries
-    kept); otherwise each pair is a gathered dot product.
-    """
-    q_rows = np.asarray(q_rows, dtype=np.int64)
-    lens = np.array([len(c) for c in cand_rows], dtype=np.int64)
-    flat = np.concatenate(cand_rows).astype(np.int64) if len(cand_rows) else np.zeros(0, np.int64)
-    owner = np.repeat(np.arange(len(q_rows)), lens)
-    if len(flat) == 0:
-        return [np.zeros(0, dtype=np.float32) for _ in cand_rows]
-    uniq = np.unique(flat)
-    out = np.empty(len(flat), dtype=np.float32)
-    if len(q_rows) * len(uniq) <= _DENSE_BLOCK_FACTOR * len(flat):
-        xq = np.ascontiguousarray(feats[q_rows], dtype=np.float32)
-        chunk = max(64, _COLUMN_CHUNK_BYTES // (4 * feats.shape[1]))
-        col = np.searchsorted(uniq, flat)
-        by_col = np.argsort(col, kind="stable")
-        bounds = np.searchsorted(col[by_col], np.arange(0, len(uniq) + chunk, chunk))
-        for ci, c0 in enumerate(range(0, len(uniq), chunk)):
-            block = xq @ np.ascontiguousarray(feats[uniq[c0:c0 + chunk]], dtype=np.float32).T
-            sel = by_col[bounds[ci]:bounds[ci + 1]]
-            out[sel] = block[owner[sel], col[sel] - c0]
-    else:
-        out[:] = pair_inner_products(feats, q_rows[owner], flat)
-    return np.split(out, np.cumsum(lens)[:-1])
-
-
-def _select_share(query_ids: np.ndarray, feats: np.ndarray, num_queries: int, train_pos: Sequence[np.ndarray],
+def _select_share(query_ids: np.ndarray, items: ItemStore, num_queries: int, train_pos: Sequence[np.ndarray],
                   neg_cands: List[np.ndarray], knn: Optional[KnnGraph],
                   generation: int, cfg: MiningConfig, timings: MiningTimings) -> List[TrainingTuple]:
+    """Tuples of this rank's queries. Collective calls (``pair_products``): one for the
+    candidate scores, one in the re-ranking from generation 1 on, whatever the share."""
     t0 = time.perf_counter()
     q_rows = np.asarray(query_ids, dtype=np.int64)
     pos = [np.asarray(train_pos[q], dtype=np.int64) for q in query_ids]
-    pos_scores = candidate_scores(feats, q_rows, [p + num_queries for p in pos])
-    neg_scores = candidate_scores(feats, q_rows, [c + num_queries for c in neg_cands])
+    cands = pos + list(neg_cands)
+    lens = np.array([len(c) for c in cands], dtype=np.int64)
+    flat = np.concatenate(cands).astype(np.int64) if cands else np.zeros(0, np.int64)
+    scores = items.pair_products(np.repeat(np.concatenate([q_rows, q_rows]), lens), flat + num_queries)
+    parts = np.split(scores, np.cumsum(lens)[:-1]) if len(lens) else []
+    pos_scores, neg_scores = parts[: len(pos)], parts[len(pos):]
     timings.search_s += time.perf_counter() - t0
 
     t0 = time.perf_counter()
     near = [nearest_ids(p, s, cfg.difficult_candidates) for p, s in zip(pos, pos_scores)]
     reranked: List[np.ndarray] = [np.zeros(0)] * len(query_ids)
-    if generation >= 1 and len(query_ids):
+    if generation >= 1:
         assert knn is not None
-        a = np.repeat(q_rows, [len(n) for n in near])
-        b = np.concatenate(near) + num_queries
-        final, _ = rerank_pair_distances(feats, knn.ids, knn.scores, knn.farthest, a, b, cfg.k1, cfg.k2,
+        counts = [len(n) for n in near]
+        a = np.repeat(q_rows, counts)
+        b = np.concatenate(near) + num_queries if near else np.zeros(0, np.int64)
+        final, _ = rerank_pair_distances(items, knn.ids, knn.scores, knn.farthest, a, b, cfg.k1, cfg.k2,
                                          cfg.lam)
-        reranked = np.split(final, np.cumsum([len(n) for n in near])[:-1])
+        reranked = np.split(final, np.cumsum(counts)[:-1]) if near else []
     timings.rerank_s += time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -275,7 +243,7 @@ def _select_share(query_ids: np.ndarray, feats: np.ndarray, num_queries: int, tr
     return out
 
 
-def mine_subset(query_ids: Sequence[int], feats: np.ndarray, num_queries: int,
+def mine_subset(query_ids: Sequence[int], items: Items, num_queries: int,
                 train_pos: Sequence[np.ndarray], neg_pool_fn: NegPoolFn, neg_cache: NegativeCache,
                 generation: int, rng: np.random.Generator, cfg: MiningConfig,
                 knn: Optional[KnnGraph] = None) -> MiningResult:
@@ -284,31 +252,35 @@ def mine_subset(query_ids: Sequence[int], feats: np.ndarray, num_queries: int,
     Args:
         query_ids: training-query indices of the subset; queries without a training
             positive are skipped.
-        feats: ``(num_queries + G, d)`` L2-normalised descriptors ``[queries; database]``,
-            the full matrix on every rank.
+        items: descriptors of the ``num_queries + G`` items ``[queries; database]``
+            (L2-normalised): an ``(N, d)`` matrix, the same on every rank, or a store
+            (``store.DenseItems``, ``store.ShardedItems``: each rank its share).
         train_pos: per training query, database ids within 10 m.
         neg_pool_fn: true-negative sampler (``make_negative_sampler``).
         neg_cache: previous hard negatives per query; updated in place with the new ones.
         generation: re-ranked difficult positives are mined from generation 1 on.
         rng: draws the random negative pools; must be in the same state on every rank.
         cfg: sizes (pool, negatives, difficult candidates/kept, k1, k2, lambda, bf16 search).
-        knn: optional precomputed ``KnnGraph`` of ``feats`` (``k1 + 1`` columns or more);
+        knn: optional precomputed ``KnnGraph`` of the items (``k1 + 1`` columns or more);
             computed with ``build_knn_graph`` when needed.
 
     Returns:
         The tuples (same list on every rank, in ``query_ids`` order) and timings.
         Distributed: the kNN graph is built across ranks; each rank then scores and
-        selects its contiguous share of the subset and the tuples are all-gathered.
+        selects the subset's queries the store assigns it (``assign``: a contiguous share
+        for a matrix, the queries it holds for a sharded store) and the tuples are
+        all-gathered. Every rank must call it (collectives).
     """
-    if feats.ndim != 2 or not 0 < num_queries <= feats.shape[0]:
-        raise ValueError(f"feats {feats.shape} cannot hold {num_queries} queries followed by a database")
+    items = as_items(items)
+    if not 0 < num_queries <= len(items):
+        raise ValueError(f"{len(items)} items cannot hold {num_queries} queries followed by a database")
     timings = MiningTimings()
     ids = np.asarray(query_ids, dtype=np.int64)
     keep = np.array([len(train_pos[q]) > 0 for q in ids], dtype=bool)
     if not keep.all():
         log.info("mining: %d queries of the subset have no training positive and are skipped", (~keep).sum())
     ids = ids[keep]
-    num_db = feats.shape[0] - num_queries
+    num_db = len(items) - num_queries
     neg_cands = [negative_candidates(neg_pool_fn(int(q), rng, cfg.neg_pool), neg_cache.get(int(q))) for q in ids]
     for q, c in zip(ids, neg_cands):
         if len(c) and (c.min() < 0 or c.max() >= num_db):
@@ -316,13 +288,18 @@ def mine_subset(query_ids: Sequence[int], feats: np.ndarray, num_queries: int,
 
     if generation >= 1 and knn is None:
         t0 = time.perf_counter()
-        knn = build_knn_graph(feats, cfg)
+        knn = build_knn_graph(items, cfg)
         timings.search_s += time.perf_counter() - t0
 
-    start, end = shard_range(len(ids), get_rank(), get_world_size())
-    mine = _select_share(ids[start:end], feats, num_queries, train_pos, neg_cands[start:end], knn,
+    where = np.flatnonzero(items.assign(ids))
+    mine = _select_share(ids[where], items, num_queries, train_pos, [neg_cands[i] for i in where], knn,
                          generation, cfg, timings)
-    tuples = [t for part in all_gather_object(mine) for t in part]
+    tuples: List[Optional[TrainingTuple]] = [None] * len(ids)
+    for positions, part in all_gather_object((where, mine)):
+        for i, t in zip(positions, part):
+            tuples[i] = t
+    if any(t is None for t in tuples):
+        raise RuntimeError("mining: some queries of the subset were mined by no rank")
     for t in tuples:
         neg_cache.update(t.query, t.negatives)
     return MiningResult(tuples=tuples, timings=timings)

@@ -1,4 +1,5 @@
-"""Distributed passes over a shard group: every rank extracts its part, all ranks get all.
+"""Distributed passes over a shard group: every rank extracts its part, all ranks get all
+(``extract_group``), or each rank keeps its own part (``extract_group_local``, the mining).
 
 Used by mining refreshes, the teacher pass and evaluation.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -60,6 +61,47 @@ def extract_group(
         total=expected_count(manifest, group, du.get_rank(), du.get_world_size()), desc=f"extract {group}",
     )
     return gather_descriptors(keys, descs, manifest.group_keys(f"{sid}_{role}"))
+
+
+def extract_group_local(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    dim: int,
+    manifest: Manifest,
+    sid: str,
+    role: str,
+    data: DataConfig,
+    device: torch.device,
+    kind: str = "test",
+    bf16: bool = False,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """This rank's descriptors of ``<sid>_<role>``, not gathered: ``(positions, rows)``.
+
+    ``positions`` are the samples' indices in the group's manifest order
+    (``manifest.group_keys``), sorted, with ``rows`` in that order. A collective: the ranks
+    exchange their positions (integers only) and check that every sample of the group was
+    extracted exactly once across them.
+    """
+    loader = pass_loader(manifest, sid, role, data, kind)
+    group = f"{sid}_{role}"
+    keys, descs = extract_descriptors(
+        fn, loader, dim, device, autocast_dtype=torch.bfloat16 if bf16 else None,
+        total=expected_count(manifest, group, du.get_rank(), du.get_world_size()), desc=f"extract {group}",
+    )
+    ordered = manifest.group_keys(group)
+    where = {k: i for i, k in enumerate(ordered)}
+    known = np.array([k in where for k in keys], dtype=bool)
+    if not known.all():
+        log.info("ignoring %d extracted descriptors not in %s", int((~known).sum()), group)
+    pos = np.array([where[k] for k, ok in zip(keys, known) if ok], dtype=np.int64)
+    count = np.bincount(np.concatenate(du.all_gather_object(pos)), minlength=len(ordered))
+    if (count != 1).any():
+        missing = [ordered[i] for i in np.flatnonzero(count == 0)[:5]]
+        twice = [ordered[i] for i in np.flatnonzero(count > 1)[:5]]
+        raise ValueError(f"{group}: {int((count == 0).sum())} descriptor(s) missing (e.g. {missing}), "
+                         f"{int((count > 1).sum())} extracted more than once (e.g. {twice})")
+    order = np.argsort(pos, kind="stable")
+    rows = descs[np.flatnonzero(known)[order]]  # one copy, in manifest order
+    return pos[order], np.ascontiguousarray(rows.reshape(len(pos), dim), dtype=np.float32)
 
 
 @contextmanager

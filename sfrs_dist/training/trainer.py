@@ -29,8 +29,8 @@ from ..losses import sfrs_hard_loss, sfrs_soft_loss, tuple_loss
 from ..mining import (
     COLLAPSE_SIMILARITY,
     NegativeCache,
+    ShardedItems,
     make_negative_sampler,
-    mean_pair_similarity,
     mine_subset,
 )
 from ..precision import PrecisionChoice, is_resolved, log_choice, resolve_config
@@ -47,7 +47,7 @@ from .checkpoint import (
 )
 from .engine import build_engine, lr_at
 from .model_init import build_student
-from .passes import eval_mode, extract_group
+from .passes import eval_mode, extract_group, extract_group_local
 from .tuples_data import TupleImages, collate_tuples
 
 log = logging.getLogger(__name__)
@@ -249,20 +249,22 @@ class Trainer:
         cfg = self.cfg
         t0 = time.time()
         net = engine.eval_network()  # float32 weights (DeepSpeed bf16/fp16 casts the module's)
-        with eval_mode(net):
-            q_desc = extract_group(net, net.output_dim, self.manifest, self.train.sid, "q", cfg.data, self.device,
-                                   bf16=cfg.eval.bf16)
-            db_desc = extract_group(net, net.output_dim, self.manifest, self.train.sid, "db", cfg.data, self.device,
-                                    bf16=cfg.eval.bf16)
+        with eval_mode(net):  # each rank keeps the descriptors it extracted (item ids: queries, then database)
+            q_ids, q_rows = extract_group_local(net, net.output_dim, self.manifest, self.train.sid, "q", cfg.data,
+                                                self.device, bf16=cfg.eval.bf16)
+            db_ids, db_rows = extract_group_local(net, net.output_dim, self.manifest, self.train.sid, "db", cfg.data,
+                                                  self.device, bf16=cfg.eval.bf16)
         t1 = time.time()
+        nq = len(self.train.q_keys)
+        items = ShardedItems(np.concatenate([q_ids, nq + db_ids]), np.concatenate([q_rows, db_rows]),
+                             nq + len(self.train.db_keys))
+        del q_rows, db_rows
         rng = np.random.default_rng(seed_for(cfg.train.seed, gen, epoch, s, 1))
-        feats = np.concatenate([q_desc, db_desc])
-        res = mine_subset(subset, feats, len(self.train.q_keys), self.train.train_pos, self.neg_sampler,
-                          neg_cache, gen, rng, cfg.mining)
+        res = mine_subset(subset, items, nq, self.train.train_pos, self.neg_sampler, neg_cache, gen, rng, cfg.mining)
         tuples = res.tuples
         out = {"extract_s": t1 - t0, "mining_s": time.time() - t1}
-        out["desc_mean_sim"] = mean_pair_similarity(db_desc, np.random.default_rng(seed_for(cfg.train.seed, gen,
-                                                                                              epoch, s, 3)))
+        out["desc_mean_sim"] = items.mean_pair_similarity(  # random pairs of database images
+            np.random.default_rng(seed_for(cfg.train.seed, gen, epoch, s, 3)), lo=nq)
         if out["desc_mean_sim"] > COLLAPSE_SIMILARITY and gen not in self._collapse_warned:
             self._collapse_warned.add(gen)
             log.warning("generation %d: descriptors are collapsing (mean cosine similarity %.3f between random "
