@@ -17,7 +17,7 @@ from PIL import Image
 from sfrs_dist.data.manifest import Manifest, ShardReadError
 from sfrs_dist.data.random_access import ShardReader
 from sfrs_dist.data.shards import build_shards, verify_shards
-from sfrs_dist.data.streaming import expected_count, make_pass_dataset, make_pass_loader
+from sfrs_dist.data.streaming import BALANCE, expected_count, make_pass_dataset, make_pass_loader
 from sfrs_dist.data.transforms import (
     MEAN,
     aspect_fit_size,
@@ -90,27 +90,87 @@ def test_pipeline_pickles(seven_shard_set):
     assert sorted(x["key"] for x in clone) == sorted(m.group_keys(GROUPS[0]) + m.group_keys(GROUPS[1]))
 
 
-@pytest.mark.parametrize("world_size,num_workers", [(1, 1), (2, 2), (3, 2), (5, 2)])
+def _fair(counts, total):
+    """No part above an even share by more than BALANCE (whole shards) or one sample (ranges)."""
+    parts = len(counts)
+    return max(counts) <= max(BALANCE * total / parts, -(-total // parts))
+
+
+@pytest.mark.parametrize("world_size,num_workers", [(1, 1), (2, 2), (3, 2), (5, 2), (4, 3), (9, 2)])
 def test_exactly_once_any_split(seven_shard_set, monkeypatch, world_size, num_workers):
-    """Every (rank, worker) slice in turn, workers simulated through webdataset's WORKER env."""
+    """Every (rank, worker) slice in turn, workers simulated through webdataset's WORKER env.
+
+    7 shards of 26 samples: from 5 ranks on (or more workers than a rank's shards) shards are
+    split by sample range, so no rank or worker is left idle."""
     m = Manifest.load(seven_shard_set)
     keys = []
-    empty = 0
+    per_rank = []
     for rank in range(world_size):
-        n_rank = 0
+        per_worker = []
         for worker in range(num_workers):
             monkeypatch.setenv("WORKER", str(worker))
             monkeypatch.setenv("NUM_WORKERS", str(num_workers))
             got = [x["key"] for x in make_pass_dataset(m, GROUPS[0], None, rank, world_size)]
-            empty += not got
             keys += got
-            n_rank += len(got)
-        assert n_rank == expected_count(m, GROUPS[0], rank, world_size)
+            per_worker.append(len(got))
+        per_rank.append(sum(per_worker))
+        assert per_rank[-1] == expected_count(m, GROUPS[0], rank, world_size)
+        assert _fair(per_worker, per_rank[-1]) and (min(per_worker) > 0 or per_rank[-1] < num_workers)
     if world_size == num_workers == 1:
         assert keys == m.group_keys(GROUPS[0])  # manifest (.mat) order
     assert Counter(keys) == Counter(m.group_keys(GROUPS[0]))
-    if world_size * num_workers > 7:
-        assert empty == world_size * num_workers - 7
+    assert _fair(per_rank, 26) and min(per_rank) > 0
+
+
+@pytest.fixture
+def two_shard_set(tmp_path, make_jpeg_split):
+    """A database group of 2 shards (14 samples, shard size 8) and a query group of 1."""
+    out = tmp_path / "shards2"
+    m = build_shards([make_jpeg_split("two", "train", 14, 3, seed=5)], out, shard_size=8, progress=False)
+    assert len(m.groups["two_train_db"].shards) == 2
+    return out
+
+
+def test_fewer_shards_than_ranks_x_workers(two_shard_set, monkeypatch):
+    """2 shards, 3 ranks x 2 workers: sample ranges, every slot busy, every sample once; the
+    same with real DataLoader worker processes, and with a per-epoch shard shuffle."""
+    m = Manifest.load(two_shard_set)
+    group = "two_train_db"
+    slots = {}
+    for rank in range(3):
+        for worker in range(2):
+            monkeypatch.setenv("WORKER", str(worker))
+            monkeypatch.setenv("NUM_WORKERS", "2")
+            slots[rank, worker] = [x["key"] for x in make_pass_dataset(m, group, None, rank, 3)]
+    assert sorted(len(v) for v in slots.values()) == [2, 2, 2, 2, 3, 3]
+    assert [len(slots[r, 0]) + len(slots[r, 1]) for r in range(3)] == [expected_count(m, group, r, 3)
+                                                                       for r in range(3)] == [4, 5, 5]
+    assert [k for r in range(3) for w in range(2) for k in slots[r, w]] == m.group_keys(group)  # contiguous
+    monkeypatch.delenv("WORKER")
+    monkeypatch.delenv("NUM_WORKERS")
+    real = []
+    for rank in range(3):
+        loader = make_pass_loader(m, group, eval_transform(8, 8), batch_size=2, num_workers=2, rank=rank,
+                                  world_size=3)
+        got = [k for batch in loader for k in batch["key"]]
+        assert len(got) == expected_count(m, group, rank, 3)
+        real += got
+    assert Counter(real) == Counter(m.group_keys(group))
+    shuffled = [x["key"] for r in range(3) for x in make_pass_dataset(m, group, None, r, 3, shuffle_seed=1, epoch=2)]
+    assert Counter(shuffled) == Counter(m.group_keys(group))
+
+
+def test_sample_range_read_detects_tampering(two_shard_set):
+    """A partial shard is read by key through the index, digests checked as when streaming."""
+    m = Manifest.load(two_shard_set)
+    shard = m.groups["two_train_db"].shards[0]
+    key = m.shard_keys(shard)[1]
+    e = m.index[key]
+    data = bytearray((two_shard_set / shard).read_bytes())
+    data[e.offset + 520] ^= 0x55
+    (two_shard_set / shard).write_bytes(bytes(data))
+    with pytest.raises(ShardReadError, match=f"{shard}.*{key}.*digest"):
+        list(make_pass_dataset(m, "two_train_db", None, 0, 3))  # rank 0 of 3: samples 0-3 of the shard
 
 
 def test_epoch_shuffle_deterministic(seven_shard_set):

@@ -2,16 +2,25 @@
 
 Pipeline (each step a small function):
 
-    shard list -> [deterministic shuffle by epoch] -> split by rank -> wds.split_by_worker
-      -> per-shard wds.tarfile_samples, checked against the manifest -> decode -> transform
+    shard list -> [deterministic shuffle by epoch] -> split by rank, then by DataLoader worker
+      -> per-shard wds.tarfile_samples (or a sample range), checked against the manifest
+      -> decode -> transform
 
-Shards, not samples, are split across ranks and DataLoader workers, without wrap-around:
-every sample of the groups is yielded exactly once per pass over all ranks and workers, and a
-rank or worker left without a shard yields nothing. Each shard is read with the library's tar
-reader and checked against the manifest as it streams: the keys must come in the recorded
-order, each sample's digest must match and the shard must hold exactly the recorded number of
-samples, so a truncated or tampered shard raises ``ShardReadError`` naming the shard and the
-sample instead of making an epoch silently short.
+The split works on pieces, i.e. sample ranges of shards, in two levels: the ranks, then each
+rank's DataLoader workers. A level hands out whole pieces round-robin (whole shards, read by
+streaming the tar) while that leaves the busiest part at most ``BALANCE`` times an even share;
+otherwise it cuts the concatenated samples into contiguous near-equal ranges (part ``i`` of
+``n`` takes samples ``[i * N // n, (i + 1) * N // n)``). So with fewer shards than ranks (or
+than a rank's workers) nobody is idle and the shares differ by at most a sample, and every
+sample of the groups is yielded exactly once per pass over all ranks and workers. A rank's
+count does not depend on the number of workers (``expected_count``).
+
+Whole shards are read with the library's tar reader and checked against the manifest as they
+stream: the keys must come in the recorded order, each sample's digest must match and the
+shard must hold exactly the recorded number of samples, so a truncated or tampered shard
+raises ``ShardReadError`` naming the shard and the sample instead of making an epoch silently
+short. A partial shard is read sample by sample through the manifest index (one ``pread`` of
+each sample's byte range, ``random_access.ShardReader``), with the same digest check.
 """
 
 from __future__ import annotations
@@ -19,7 +28,6 @@ from __future__ import annotations
 import io
 import logging
 import random
-from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
@@ -28,6 +36,7 @@ import webdataset as wds
 from PIL import Image
 
 from sfrs_dist.data.manifest import IMAGE_EXTS, Manifest, ShardReadError, sample_digest
+from sfrs_dist.data.random_access import ShardReader
 from sfrs_dist.distributed import get_rank, get_world_size
 
 log = logging.getLogger(__name__)
@@ -49,36 +58,93 @@ class ShuffleShards:
         yield from items
 
 
-class SplitByRank:
-    """Stage: shards ``rank, rank + world_size, ...`` (``wds.split_by_node`` with explicit rank).
+#: A split level hands out whole shards while its busiest part gets at most this many times an
+#: even share of the samples; sample ranges otherwise.
+BALANCE = 1.25
 
-    ``wds.split_by_node`` takes the rank from ``RANK``/``WORLD_SIZE`` or the default process
-    group; taking them as arguments lets one process build the loader of any rank.
+
+def split_pieces(pieces: Sequence[Dict], part: int, parts: int) -> List[Dict]:
+    """Part ``part`` of ``parts`` of a sequence of pieces ``{"url", "start", "stop"}``.
+
+    Whole pieces round-robin (``pieces[part::parts]``) when there are at least ``parts`` of
+    them and the busiest part holds at most ``BALANCE`` times ``N / parts`` samples; else the
+    samples ``[part * N // parts, (part + 1) * N // parts)`` of the concatenated pieces.
+    The parts of ``range(parts)`` together hold every sample exactly once.
+    """
+    if not 0 <= part < parts:
+        raise ValueError(f"part {part} outside {parts} parts (rank outside the world, or worker id)")
+    sizes = [p["stop"] - p["start"] for p in pieces]
+    total = sum(sizes)
+    if len(pieces) >= parts and max(sum(sizes[i::parts]) for i in range(parts)) <= BALANCE * total / parts:
+        return list(pieces[part::parts])
+    lo, hi = part * total // parts, (part + 1) * total // parts
+    out, pos = [], 0
+    for p, n in zip(pieces, sizes):
+        a, b = max(lo, pos), min(hi, pos + n)
+        if a < b:
+            out.append({**p, "start": p["start"] + a - pos, "stop": p["start"] + b - pos})
+        pos += n
+    return out
+
+
+def rank_pieces(counts: Dict[str, int], urls: Sequence[str], rank: int, world_size: int) -> List[Dict]:
+    """The pieces of ``urls`` (in that order) that ``rank`` of ``world_size`` reads."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of size {world_size}")
+    pieces = [{"url": u, "start": 0, "stop": counts[Path(u).name]} for u in urls]
+    return split_pieces(pieces, rank, world_size)
+
+
+class SplitPieces:
+    """Stage: this rank's, then this DataLoader worker's pieces of the shard list.
+
+    The rank is an argument (not ``RANK`` or the default process group, as for
+    ``wds.split_by_node``), so one process can build the loader of any rank; the worker comes
+    from ``wds.utils.pytorch_worker_info`` (the DataLoader's worker, or ``WORKER``/``NUM_WORKERS``).
     """
 
-    def __init__(self, rank: int, world_size: int):
+    def __init__(self, manifest: Manifest, rank: int, world_size: int):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
+        self.counts = {name: s.num_samples for name, s in manifest.shards.items()}
         self.rank, self.world_size = rank, world_size
 
     def __call__(self, src: Iterable[Dict]) -> Iterator[Dict]:
-        yield from islice(src, self.rank, None, self.world_size)
+        mine = rank_pieces(self.counts, [d["url"] for d in src], self.rank, self.world_size)
+        _, _, worker, num_workers = wds.utils.pytorch_worker_info()
+        yield from split_pieces(mine, worker, num_workers)
 
 
 class CheckedShardSamples:
-    """Stage: samples of each shard through ``wds.tarfile_samples``, checked against the manifest.
+    """Stage: samples of each piece, checked against the manifest.
 
-    Keys must come in manifest order, each sample's digest must match (``verify_digest``) and
-    the shard must hold exactly the recorded number of samples.
+    A whole shard streams through ``wds.tarfile_samples``: keys must come in manifest order,
+    each sample's digest must match (``verify_digest``) and the shard must hold exactly the
+    recorded number of samples. A partial one (``start``/``stop`` inside the shard) is read by
+    key through the manifest index (``ShardReader``), digests checked the same way.
     """
 
     def __init__(self, manifest: Manifest, verify_digest: bool = True):
+        self.manifest = manifest
+        self.verify_digest = verify_digest
         self.shard_keys = {name: manifest.shard_keys(name) for name in manifest.shards}
         self.digests = {k: e.digest for k, e in manifest.index.items()} if verify_digest else None
+        self._reader: Optional[ShardReader] = None
 
     def __call__(self, src: Iterable[Dict]) -> Iterator[Dict]:
         for item in src:
-            yield from self._shard(item["url"])
+            n = len(self.shard_keys[Path(item["url"]).name])
+            start, stop = item.get("start", 0), item.get("stop", n)
+            if (start, stop) == (0, n):
+                yield from self._shard(item["url"])
+            else:
+                yield from self._range(item["url"], start, stop)
+
+    def _range(self, url: str, start: int, stop: int) -> Iterator[Dict]:
+        if self._reader is None:  # opened in the process that reads (a DataLoader worker)
+            self._reader = ShardReader(self.manifest.root, self.manifest, verify=self.verify_digest)
+        for key in self.shard_keys[Path(url).name][start:stop]:
+            yield {"__key__": key, "__url__": url, **self._reader.read_members(key)}
 
     def _shard(self, url: str) -> Iterator[Dict]:
         expected = self.shard_keys[Path(url).name]
@@ -169,20 +235,14 @@ def shard_urls(manifest: Manifest, groups: Union[str, Sequence[str]]) -> List[st
     return urls
 
 
-def rank_shards(urls: Sequence[str], rank: int, world_size: int, shuffle_seed: Optional[int] = None,
-                epoch: int = 0) -> List[str]:
-    """The shards a rank reads (same order as the pipeline), for counting and planning."""
-    items: Iterable[Dict] = [{"url": u} for u in urls]
-    if shuffle_seed is not None:
-        items = ShuffleShards(shuffle_seed, epoch)(items)
-    return [d["url"] for d in SplitByRank(rank, world_size)(items)]
-
-
 def expected_count(manifest: Manifest, groups: Union[str, Sequence[str]], rank: int, world_size: int,
                    shuffle_seed: Optional[int] = None, epoch: int = 0) -> int:
-    """Number of samples a rank yields in one pass, from the manifest counts."""
-    urls = rank_shards(shard_urls(manifest, groups), rank, world_size, shuffle_seed, epoch)
-    return sum(manifest.shards[Path(u).name].num_samples for u in urls)
+    """Number of samples a rank yields in one pass (all its DataLoader workers), from the manifest."""
+    items: Iterable[Dict] = [{"url": u} for u in shard_urls(manifest, groups)]
+    if shuffle_seed is not None:
+        items = ShuffleShards(shuffle_seed, epoch)(items)
+    counts = {name: s.num_samples for name, s in manifest.shards.items()}
+    return sum(p["stop"] - p["start"] for p in rank_pieces(counts, [d["url"] for d in items], rank, world_size))
 
 
 def make_pass_dataset(
@@ -217,8 +277,7 @@ def make_pass_dataset(
     if shuffle_seed is not None:
         stages.append(ShuffleShards(shuffle_seed, epoch))
     stages += [
-        SplitByRank(rank, world_size),
-        wds.split_by_worker,
+        SplitPieces(manifest, rank, world_size),
         CheckedShardSamples(manifest, verify_digest),
     ]
     if shuffle_seed is not None and sample_shuffle > 1:
