@@ -80,9 +80,10 @@ def run_teacher_pass(cfg: Config, manifest: Manifest, train_pos: List[np.ndarray
                      cache_dir: Path, device: torch.device) -> Tuple[tc.TeacherCache, str]:
     """Compute (or reuse) the teacher cache of ``teacher_ckpt``; a collective over all ranks."""
     key = du.broadcast_object(cache_key(teacher_ckpt, manifest, cfg.data.image_size) if du.is_main_process() else None)
+    # rank 0 decides whether the cache is finished: other nodes may not see its done file yet
     if du.broadcast_object(tc.is_done(cache_dir, key) if du.is_main_process() else None):
         log.info("teacher cache %s found in %s: teacher pass skipped", key, cache_dir)
-        return tc.load_cache(cache_dir, key, len(train_pos)), key
+        return tc.load_cache(cache_dir, key, len(train_pos), wait_s=tc.VISIBLE_WAIT_S), key
     net = load_network(cfg, teacher_ckpt, device)
     with eval_mode(net):
         q, j, sims, forwarded = compute_shard(net, cfg, manifest, cfg.data.train_set, train_pos, device)
@@ -92,7 +93,7 @@ def run_teacher_pass(cfg: Config, manifest: Manifest, train_pos: List[np.ndarray
     if du.is_main_process():
         tc.mark_done(cache_dir, key, du.get_world_size(), {"teacher": str(teacher_ckpt), "forwarded": total})
     du.barrier()
-    cache = tc.load_cache(cache_dir, key, len(train_pos))
+    cache = tc.load_cache(cache_dir, key, len(train_pos), wait_s=tc.VISIBLE_WAIT_S)  # parts from other nodes
     if not cache.covers(train_pos):
         raise tc.TeacherCacheError(f"teacher cache {key} does not cover every training positive")
     log.info("teacher pass: %d images forwarded, cache %s", total, key)

@@ -5,12 +5,18 @@ difficult positive can be drawn from), the cache holds the teacher's similaritie
 q's global descriptor and the 9 region descriptors of j: a (9,) vector. Stored in CSR form
 over queries: ``offsets`` (Q+1), ``pos`` (nnz database indices, sorted per query) and
 ``sims`` (nnz, 9).
+
+Every rank writes its part; rank 0 writes the done file after a barrier. Ranks on other nodes
+may not see a file another node just wrote (NFS caches directory lookups, a missing name
+included, for up to a minute by default), so ``load_cache`` waits a bounded time
+(``wait_s``, ``VISIBLE_WAIT_S`` in the teacher pass) for each file before it fails naming it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -150,17 +156,47 @@ def is_done(cache_dir: Path, key: str) -> bool:
     return done_file(cache_dir, key).is_file()
 
 
-def load_cache(cache_dir: Path, key: str, num_queries: int) -> TeacherCache:
-    """All rank shards of a finished cache merged into one ``TeacherCache``."""
+#: Seconds a rank waits for a cache file written on another node to become visible.
+VISIBLE_WAIT_S = 60.0
+
+
+def wait_visible(path: Path, wait_s: float) -> bool:
+    """True once ``path`` can be opened, retrying for up to ``wait_s`` seconds; False after."""
+    deadline = time.monotonic() + max(0.0, wait_s)
+    delay = 0.05
+    while True:
+        try:
+            with open(path, "rb"):  # an open revalidates NFS attributes (close-to-open), a stat may not
+                return True
+        except FileNotFoundError:
+            pass
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            os.listdir(path.parent)  # a directory read refreshes the client's cached entries
+        except OSError:
+            pass
+        time.sleep(min(delay, left))
+        delay = min(2 * delay, 2.0)
+
+
+def load_cache(cache_dir: Path, key: str, num_queries: int, wait_s: float = 0.0) -> TeacherCache:
+    """All rank shards of a finished cache merged into one ``TeacherCache``.
+
+    ``wait_s``: how long to retry opening each file (the done file, then every rank part)
+    before failing; for readers that know the cache was finished, possibly on another node.
+    """
+    waited = f" after waiting {wait_s:g} s" if wait_s > 0 else ""
     done = done_file(cache_dir, key)
-    if not done.is_file():
-        raise TeacherCacheError(f"teacher cache {key} not found in {cache_dir} (no {done.name})")
+    if not wait_visible(done, wait_s):
+        raise TeacherCacheError(f"teacher cache {key} not found in {cache_dir} (no {done.name}{waited})")
     world = json.loads(done.read_text())["world"]
     parts = []
     for r in range(world):
         f = shard_file(cache_dir, key, r, world)
-        if not f.is_file():
-            raise TeacherCacheError(f"teacher cache {key}: shard file missing: {f}")
+        if not wait_visible(f, wait_s):
+            raise TeacherCacheError(f"teacher cache {key}: shard file missing{waited}: {f}")
         with np.load(f) as z:
             parts.append((z["q"], z["j"], z["sims"]))
     q = np.concatenate([p[0] for p in parts])

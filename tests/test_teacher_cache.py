@@ -1,5 +1,8 @@
 """Teacher cache: sharded computation equals a brute-force one; lookups; missing entries named."""
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -48,6 +51,28 @@ def test_missing_entry_and_shard_named(tmp_path):
     tc.mark_done(tmp_path, "k2", 2, {})
     with pytest.raises(tc.TeacherCacheError, match="rank001of002"):
         tc.load_cache(tmp_path, "k2", len(positives))
+
+
+def test_load_waits_for_a_part_that_appears_late(tmp_path):
+    """A rank part another node wrote may become visible late (NFS): the reader retries."""
+    positives, qg, regions = _setup(2)
+    inv = tc.invert_positives(positives, regions.shape[0])
+    q, j, s = tc.region_query_similarities(np.arange(40), regions, qg, inv)
+    half = q < len(positives) // 2
+    tc.save_shard(tmp_path, "k3", 0, 2, q[half], j[half], s[half])
+    tc.mark_done(tmp_path, "k3", 2, {})
+    late = threading.Timer(0.4, tc.save_shard, (tmp_path, "k3", 1, 2, q[~half], j[~half], s[~half]))
+    t0 = time.monotonic()
+    late.start()
+    try:
+        cache = tc.load_cache(tmp_path, "k3", len(positives), wait_s=20)
+    finally:
+        late.join()
+    assert 0.4 <= time.monotonic() - t0 < 10
+    assert cache.covers(positives)
+    with pytest.raises(tc.TeacherCacheError, match=r"after waiting 0\.3 s.*teacher_k4_rank000of002\.npz"):
+        tc.mark_done(tmp_path, "k4", 2, {})
+        tc.load_cache(tmp_path, "k4", len(positives), wait_s=0.3)
 
 
 def test_soft_label_entropy_from_uniform_to_peaked():
