@@ -53,12 +53,18 @@ fi
 HEAD=${NODES[0]}
 
 CPUS=${SLURM_CPUS_PER_TASK:-$(nproc)}
+# Since Slurm 22.05 srun no longer inherits --cpus-per-task from sbatch: without it the step's
+# task (torchrun and every rank and DataLoader worker under it) is bound to one core.
+SRUN_CPUS=()
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
+    SRUN_CPUS=(--cpus-per-task "$SLURM_CPUS_PER_TASK")
+fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CPUS / GPUS > 0 ? CPUS / GPUS : 1 ))}
 export PYTHONUNBUFFERED=1
 cd "$REPO"
 echo "sfrs: $SLURM_NNODES node(s) x $GPUS process(es), rendezvous $HEAD:$RDZV_PORT, config $CONFIG" >&2
 
-srun --nodes "$SLURM_NNODES" --ntasks-per-node 1 --kill-on-bad-exit=1 \
+srun --nodes "$SLURM_NNODES" --ntasks-per-node 1 ${SRUN_CPUS[@]+"${SRUN_CPUS[@]}"} --kill-on-bad-exit=1 \
     "$PYTHON" -m torch.distributed.run \
     --nnodes "$SLURM_NNODES" \
     --nproc_per_node "$GPUS" \

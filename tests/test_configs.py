@@ -132,6 +132,9 @@ def test_eval_files_build_the_trained_network_on_their_own_shards(name, dataset,
 
 def test_slurm_script_parses():
     subprocess.run(["bash", "-n", str(SLURM)], check=True, timeout=30)
+    # srun gets the task's CPUs explicitly (Slurm >= 22.05 does not pass sbatch's on to srun)
+    srun = SLURM.read_text().split("\nsrun ", 1)[1].split("torch.distributed.run", 1)[0]
+    assert '"$SLURM_CPUS_PER_TASK"' in SLURM.read_text() and "SRUN_CPUS[@]" in srun
 
 
 def _fake_slurm_bin(folder: Path) -> Path:
@@ -166,6 +169,7 @@ def test_slurm_script_starts_one_agent_per_node_with_c10d_rendezvous(tmp_path):
         return args[args.index(flag) + 1]
 
     assert value("--nodes") == "2" and value("--ntasks-per-node") == "1"
+    assert value("--cpus-per-task") == "32" and args.index("--cpus-per-task") < args.index("-m")  # srun's
     assert args[args.index("-m") - 1] == sys.executable and value("-m") == "torch.distributed.run"
     assert value("--nnodes") == "2" and value("--nproc_per_node") == "4"
     assert value("--rdzv_backend") == "c10d"
