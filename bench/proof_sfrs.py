@@ -1,15 +1,24 @@
-"""Does SFRS beat its SARE baseline on the synthetic city? Recall@1 per generation, 3 seeds.
+"""Does SFRS beat its SARE baseline? Recall@1/5 per generation, 3 seeds on each of 2 cities.
 
-Runs the demo job (``configs/demo.yaml``: generation 0 = SARE-ind, then SFRS generations)
-once per training seed on the demo city and prints Recall@1/5 per generation on the
-Pittsburgh-style test split and on the Tokyo-style queries by light condition, averaged over
-the seeds (mean and standard deviation). Checkpoints are picked by nothing: every
-generation's final network is evaluated, so the test split plays no part in any choice.
+Runs the demo job (``configs/demo.yaml``: ImageNet EfficientNet-Lite0 + NetVLAD, generation 0 =
+SARE-ind, then SFRS generations) once per (city, training seed) and prints Recall@1/5, mean
+and standard deviation over the seeds, per city and over both, on the Pittsburgh-style test
+split and the Tokyo-style queries by light condition. The ``off`` column is the untrained
+network (backbone ImageNet weights + NetVLAD k-means init), tested before any step
+(``eval.test_untrained``). Every generation's final network is evaluated and the test split
+plays no part in any choice; ``sel`` is the reference's reported network (best validation
+Recall@5 over all generations and epochs).
 
-    python bench/proof_sfrs.py [--seeds 0 1 2] [--nproc 2] [--shards shards/synthetic-demo]
+    python bench/proof_sfrs.py [--cities shards/city0 shards/city1] [--seeds 0 1 2] [--nproc 2]
 
-Needs the demo shards (``bash launch/demo.sh`` builds them). Each seed takes roughly as long
-as the demo's training; a finished seed is reused on rerun (the job resumes).
+Each city is a shard set of ``launch/make_synthetic.py --preset demo --seed S`` (two generator
+seeds: a result on one city can be an accident of that city); build them with
+
+    python launch/make_synthetic.py --out data/city1 --preset demo --seed 1
+    python launch/build_shards.py --dataset synthetic --root data/city1 --out shards/city1
+
+Each run takes about as long as the demo's training; a finished run is reused on rerun
+(the job resumes).
 """
 
 from __future__ import annotations
@@ -35,15 +44,19 @@ ROWS = [("pitts30k_test", "all"), ("tokyo247_test", "all"), ("tokyo247_test", "d
         ("tokyo247_test", "sunset"), ("tokyo247_test", "night")]
 
 
-def run_seed(seed: int, nproc: int, shards: Path, out_root: Path, extra) -> dict:
-    out = out_root / f"seed{seed}"
+def run_seed(seed: int, nproc: int, shards: Path, out: Path, extra) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "demo.yaml"),
            "--set", f"data.shards={shards}", "--set", f"run.out_dir={out}", "--set", f"train.seed={seed}",
-           "--set", f"tracking.run_name=proof-seed{seed}", *extra]
+           "--set", "eval.test_untrained=true", "--set", f"tracking.run_name=proof-{out.parent.name}-seed{seed}",
+           *extra]
     subprocess.run(cmd, check=True, cwd=REPO)
     ck = torch.load(latest_checkpoint(out / "checkpoints"), map_location="cpu", weights_only=False)
-    return ck["history"]
+    cols = {"off": ck.get("untrained", {}).get("test", {})}
+    cols.update({f"gen {g}": h["test"] for g, h in sorted(ck["history"].items())})
+    if ck.get("selected"):
+        cols["sel"] = ck["selected"]["test"]
+    return cols
 
 
 def soft_label_stats(run_dir: Path, shards: Path) -> dict:
@@ -59,34 +72,46 @@ def soft_label_stats(run_dir: Path, shards: Path) -> dict:
     return out
 
 
+def print_table(title: str, runs: list) -> None:
+    cols = list(runs[0])
+    print(f"\n{title}")
+    print(f"{'test set':<16}{'condition':<10}{'N':>3}" + "".join(f"{c:>15}" for c in cols))
+    for sid, cond in ROWS:
+        for n in (1, 5):
+            cells = []
+            for c in cols:
+                vals = [100 * r[c][sid][0][cond][n] for r in runs if c in r and sid in r[c] and cond in r[c][sid][0]]
+                cells.append(f"{np.mean(vals):7.1f} +-{np.std(vals):4.1f}" if vals else "-")
+            print(f"{sid:<16}{cond:<10}{n:>3}" + "".join(f"{c:>15}" for c in cells))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cities", type=Path, nargs="+", default=[REPO / "shards" / "city0", REPO / "shards" / "city1"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--shards", type=Path, default=REPO / "shards" / "synthetic-demo")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "proof")
     p.add_argument("--set", dest="extra", action="append", default=[], help="extra config override")
     args = p.parse_args()
     extra = [a for s in args.extra for a in ("--set", s)]
-    histories = [run_seed(s, args.nproc, args.shards, args.out, extra) for s in args.seeds]
-    gens = sorted(histories[0])
-    print(f"\nRecall@N (%) on the synthetic city, mean +- std over seeds {args.seeds}; generation 0 = SARE-ind")
-    print(f"{'test set':<16}{'condition':<10}{'N':>3}" + "".join(f"{'gen ' + str(g):>16}" for g in gens))
-    for sid, cond in ROWS:
-        for n in (1, 5):
-            cells = []
-            for g in gens:
-                vals = [100 * h[g]["test"][sid][0][cond][n] for h in histories
-                        if sid in h[g]["test"] and cond in h[g]["test"][sid][0]]
-                cells.append(f"{np.mean(vals):8.1f} +-{np.std(vals):4.1f}" if vals else f"{'-':>16}")
-            print(f"{sid:<16}{cond:<10}{n:>3}" + "".join(f"{c:>16}" for c in cells))
-    stats = [soft_label_stats(args.out / f"seed{s}", args.shards) for s in args.seeds]
+    missing = [str(c) for c in args.cities if not (c / "manifest.json").is_file()]
+    if missing:
+        sys.exit(f"no shard set at {', '.join(missing)} (see the build commands in this script's help)")
+    runs = {c: [run_seed(s, args.nproc, c, args.out / c.name / f"seed{s}", extra) for s in args.seeds]
+            for c in args.cities}
+    print(f"\nRecall@N (%), mean +- std over training seeds {args.seeds}; off = untrained, gen 0 = SARE-ind, "
+          "gen >= 1 = SFRS, sel = best by validation R@5")
+    for c, r in runs.items():
+        print_table(f"city {c.name}", r)
+    print_table(f"both cities ({len(args.cities) * len(args.seeds)} runs)", [r for rs in runs.values() for r in rs])
     print("\nTeacher soft labels (all cached positives x 9 regions per training query), mean over seeds:")
-    for g in sorted(stats[0]):
-        sims = [st[g][0] for st in stats if g in st]
-        ents = [st[g][1] for st in stats if g in st]
-        print(f"  generation {g}: teacher similarity {np.mean(sims):.3f}, normalised entropy at tau_g "
-              f"{np.mean(ents):.3f} +- {np.std(ents):.3f} (1 = uniform, nothing to distil)")
+    for c in args.cities:
+        stats = [soft_label_stats(args.out / c.name / f"seed{s}", c) for s in args.seeds]
+        for g in sorted(stats[0]):
+            sims = [st[g][0] for st in stats if g in st]
+            ents = [st[g][1] for st in stats if g in st]
+            print(f"  {c.name} generation {g}: teacher similarity {np.mean(sims):.3f}, normalised entropy at tau_g "
+                  f"{np.mean(ents):.3f} +- {np.std(ents):.3f} (1 = uniform, nothing to distil)")
 
 
 if __name__ == "__main__":
