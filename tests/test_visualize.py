@@ -148,7 +148,7 @@ def test_launch_visualize_end_to_end(tmp_path):
     flags = [abs(db_utm[j, 0] - q_utm[1, 0]) <= 25.0 for j in top]
     assert True in flags and False in flags
     img = Image.open(written[0]).convert("RGB")
-    check_strip(img, flags, (180, 240), 6, 6, 18)
+    check_strip(img, flags, (180, 240), 6, 6, 30)
     with pytest.raises(KeyError, match="query keys not in"):
         script.main(["--shards", str(shard_dir), "--descriptors", desc, "--query-keys", "nope",
                      "--out", str(out)])

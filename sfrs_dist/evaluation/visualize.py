@@ -93,7 +93,7 @@ def save_png(img: Image.Image, path: str) -> str:
 
 def draw_retrievals(query_img: ImageLike, retrieved_imgs: Sequence[ImageLike], correct_flags: Sequence[bool],
                     tile: Tuple[int, int] = (180, 240), border: int = 6, gap: int = 6,
-                    label_h: int = 18, labels: Optional[Sequence[str]] = None) -> Image.Image:
+                    label_h: int = 30, labels: Optional[Sequence[str]] = None) -> Image.Image:
     """The retrieval strip as a PIL image (layout in the module docstring)."""
     if len(retrieved_imgs) != len(correct_flags):
         raise ValueError(f"{len(retrieved_imgs)} retrieved images but {len(correct_flags)} flags")
