@@ -280,7 +280,7 @@ def check_loader_vs_step(device: torch.device, shards: Path, work: Path) -> str:
     from sfrs_dist.precision import resolve_config
     from sfrs_dist.training.engine import build_engine
     from sfrs_dist.training.trainer import TrainSplit
-    from sfrs_dist.training.tuples_data import TupleImages, collate_tuples
+    from sfrs_dist.training.tuples_data import TupleImages, TupleLoader
 
     cfg, choice = resolve_config(_tiny_cfg(shards, work / "loader"), device)
     manifest = Manifest.load(shards)
@@ -293,19 +293,19 @@ def check_loader_vs_step(device: torch.device, shards: Path, work: Path) -> str:
         far = [j for j in rng.permutation(n_db) if int(j) not in near][:n_neg]
         tuples.append(SimpleNamespace(query=int(q), positive=int(split.train_pos[q][0]), negatives=far,
                                       difficult_positives=list(split.train_pos[q][:cfg.mining.num_difficult])))
-    ds = TupleImages(cfg.data.shards, split.q_keys, split.db_keys, tuples, cfg.data.image_size, cfg.data.color_jitter)
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers,
-                                         collate_fn=collate_tuples)
-    t0 = time.time()
-    batches = list(loader)
-    load_rate = len(tuples) / (time.time() - t0)
+    ds = TupleImages(cfg.data.shards, split.q_keys, split.db_keys, cfg.data.image_size, cfg.data.color_jitter)
+    workers = cfg.data.num_workers if cfg.data.train_workers is None else cfg.data.train_workers
+    with TupleLoader(ds, cfg.train.batch_size, workers, pin_memory=device.type == "cuda") as loader:
+        t0 = time.time()
+        batches = list(loader.subset(tuples, seed=0))
+        load_rate = len(tuples) / (time.time() - t0)
     torch.manual_seed(0)
     net = build_model(cfg.model.backbone, weights=None, num_clusters=cfg.model.num_clusters, layer=cfg.model.layer)
     engine = build_engine("ddp", net, device, 0.001, 0.9, 0.001, cfg.train.precision)
     engine.train(True)
 
     def step(batch):
-        images = torch.cat([b["images"] for b in batch]).to(device, non_blocking=True)
+        images = batch["images"].to(device, non_blocking=True)
         r = engine.forward(images, regions=True)
         engine.backward_step(1.0 - (r[0, 0] * r[1:, 0]).sum(-1).mean())
 
@@ -320,7 +320,7 @@ def check_loader_vs_step(device: torch.device, shards: Path, work: Path) -> str:
         torch.cuda.synchronize(device)
     step_rate = len(tuples) / (time.time() - t0)
     slower = "loader" if load_rate < step_rate else "step"
-    return (f"loader {load_rate:.1f} tuples/s ({cfg.data.num_workers} workers), step {step_rate:.1f} tuples/s "
+    return (f"loader {load_rate:.1f} tuples/s ({workers} workers), step {step_rate:.1f} tuples/s "
             f"({choice.train}, {cfg.model.backbone} {cfg.data.image_size[0]}x{cfg.data.image_size[1]}): "
             f"the {slower} is the bottleneck")
 

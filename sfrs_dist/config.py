@@ -52,16 +52,26 @@ class DataConfig:
     aspect_preserving: List[str] = field(default_factory=lambda: ["tokyo247"])
     """Datasets whose test images are resized keeping their aspect ratio."""
     num_workers: int = 2
-    """DataLoader workers per rank."""
+    """DataLoader workers per rank of the streaming passes (extraction, teacher, evaluation)."""
+    train_workers: Optional[int] = None
+    """DataLoader workers per rank of the training-tuple loader (null: data.num_workers). It reads,
+    decodes and jitters some 20 images per tuple, far more work per step than a pass; its workers
+    live for an epoch and wait while the passes run."""
     extract_batch_size: int = 16
     """Images per forward pass during descriptor extraction."""
     color_jitter: List[float] = field(default_factory=lambda: [0.7, 0.7, 0.7, 0.5])
     """Training colour jitter: brightness, contrast, saturation, hue (all 0: none)."""
+    jitter_on_device: bool = False
+    """Colour-jitter the training images on the training device (torchvision v2, each image its
+    own draw from the same ranges, after the resize) instead of in the loader workers (PIL,
+    before the resize: the reference's order)."""
 
     def __post_init__(self) -> None:
         _check(len(self.image_size) == 2 and all(v > 0 for v in self.image_size),
                f"data.image_size must be [H, W] with positive values, got {self.image_size}")
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(self.train_workers is None or self.train_workers >= 0,
+               f"data.train_workers must be >= 0 or null, got {self.train_workers}")
         _check(self.extract_batch_size > 0, "data.extract_batch_size must be > 0")
         _check(len(self.color_jitter) == 4 and all(v >= 0 for v in self.color_jitter)
                and self.color_jitter[3] <= 0.5,
@@ -406,8 +416,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 #: Settings a job may change when it resumes: where files are, how fast data is read, how far
 #: the job goes and how it reports. Anything else changes what the checkpoints mean.
-RESUME_FREE = ("data.shards", "data.num_workers", "data.extract_batch_size", "data.test_sets", "data.test_shards",
-               "train.generations", "train.log_every", "eval.", "tracking.", "run.")
+RESUME_FREE = ("data.shards", "data.num_workers", "data.train_workers", "data.extract_batch_size", "data.test_sets",
+               "data.test_shards", "train.generations", "train.log_every", "eval.", "tracking.", "run.")
 
 
 def resume_conflicts(saved: Config, new: Config) -> List[str]:

@@ -10,6 +10,11 @@
   exactly 480x640 at the default size, a 16:9 one 360x640, a 3:4 portrait one 640x480.
   Images in a batch can then differ in size (evaluate Tokyo queries with batch size 1).
 
+With ``data.jitter_on_device`` the training loader stops after the resize (``uint8`` tensors,
+``train_resize``) and ``DeviceColorJitter`` jitters and normalises the batch on the training
+device: torchvision v2 ``ColorJitter``, the same ranges, one draw per image (after the resize,
+where the reference jitters before it).
+
 Normalisation follows the NetVLAD convention: ``ToTensor`` (values in [0, 1]) then
 ``Normalize(mean=[0.485, 0.458, 0.408], std=[1/255] * 3)``, i.e. pixel values in 0-255
 minus ``mean * 255``.
@@ -22,6 +27,7 @@ from typing import Callable, Sequence, Tuple
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import v2
 
 MEAN = (0.485, 0.458, 0.408)
 STD = (1.0 / 255.0,) * 3
@@ -66,6 +72,35 @@ def train_transform(height: int, width: int, jitter: Sequence[float] = JITTER) -
         T.ToTensor(),
         normalize(),
     ])
+
+
+def train_resize(height: int, width: int) -> T.Compose:
+    """The training transform up to the resize: a ``uint8`` (3, H, W) tensor, not jittered."""
+    return T.Compose([T.Resize((height, width)), T.PILToTensor()])
+
+
+class DeviceColorJitter:
+    """Colour jitter and normalisation of a ``uint8`` (N, 3, H, W) batch where it lies.
+
+    Each image gets its own jitter parameters (drawn from the CPU generator, as torchvision
+    does), from the ranges of ``jitter`` (brightness, contrast, saturation, hue); the result is
+    the float batch ``train_transform`` would give after its ``ToTensor``, normalised.
+    """
+
+    def __init__(self, jitter: Sequence[float] = JITTER):
+        b, c, s, h = (float(v) for v in jitter)
+        self.jitter = v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h) if any((b, c, s, h)) else None
+        self._norm: dict = {}  # device -> (mean, std), copied there once
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div_(255.0)
+        if self.jitter is not None:
+            x = torch.stack([self.jitter(img) for img in x])
+        if x.device not in self._norm:
+            self._norm[x.device] = (torch.tensor(MEAN).view(1, 3, 1, 1).to(x.device),
+                                    torch.tensor(STD).view(1, 3, 1, 1).to(x.device))
+        mean, std = self._norm[x.device]
+        return (x - mean) / std
 
 
 def eval_transform(height: int, width: int) -> T.Compose:

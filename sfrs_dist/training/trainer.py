@@ -22,6 +22,7 @@ from .. import distributed as du
 from ..config import Config, save_config
 from ..data.manifest import Manifest
 from ..data.test_sets import group_by_manifest, locate_splits
+from ..data.transforms import DeviceColorJitter
 from ..evaluation.checkpoints import load_for_eval
 from ..evaluation.pca import PCAWhitening
 from ..evaluation.runner import evaluate_splits, flat_metrics, render_examples
@@ -48,7 +49,7 @@ from .checkpoint import (
 from .engine import build_engine, lr_at
 from .model_init import build_student
 from .passes import eval_mode, extract_group, extract_group_local
-from .tuples_data import TupleImages, collate_tuples
+from .tuples_data import TupleImages, TupleLoader
 
 log = logging.getLogger(__name__)
 
@@ -218,13 +219,15 @@ class Trainer:
         subsets = [order[i:i + cfg.mining.cache_subset_size] for i in range(0, len(order), cfg.mining.cache_subset_size)]
         t_epoch = time.time()
         losses: List[float] = []
+        loader = self._tuple_loader()  # one per epoch: its workers start with the first subset
         while self.state.subset < len(subsets):
             s = self.state.subset
             tuples, timings = self._refresh(engine, gen, epoch, s, subsets[s], neg_cache)
-            losses += self._train_subset(engine, gen, epoch, s, tuples, teacher)
+            losses += self._train_subset(engine, loader, gen, epoch, s, tuples, teacher)
             self.tracker.log_metrics(timings, step=self.state.step)
             self.state.subset += 1
             self._save(engine, neg_cache)
+        loader.close()
         val = self._validate(engine.eval_network())
         if val:
             self.tracker.log_metrics({**flat_metrics(val), "epoch": epoch}, step=self.state.step)
@@ -274,7 +277,22 @@ class Trainer:
         return tuples, out
 
     # ------------------------------------------------------------- training
-    def _train_subset(self, engine, gen: int, epoch: int, s: int, tuples, teacher) -> List[float]:
+    def _tuple_loader(self) -> TupleLoader:
+        """The loader of tuple images for an epoch's subsets (``data.train_workers`` workers)."""
+        d = self.cfg.data
+        ds = TupleImages(d.shards, self.train.q_keys, self.train.db_keys, d.image_size, d.color_jitter,
+                         jitter_on_device=d.jitter_on_device)
+        workers = d.num_workers if d.train_workers is None else d.train_workers
+        return TupleLoader(ds, self.cfg.train.batch_size, workers, pin_memory=self.device.type == "cuda")
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the training device, copied asynchronously (pinned first on CUDA)."""
+        if self.device.type == "cuda" and not t.is_pinned():
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
+
+    def _train_subset(self, engine, loader: TupleLoader, gen: int, epoch: int, s: int, tuples,
+                      teacher) -> List[float]:
         cfg = self.cfg
         per_step = self.world * cfg.train.batch_size
         steps = len(tuples) // per_step
@@ -283,41 +301,49 @@ class Trainer:
         mine = [tuples[(i * self.world + self.rank) * cfg.train.batch_size + b]
                 for i in range(steps) for b in range(cfg.train.batch_size)]
         torch.manual_seed(seed_for(cfg.train.seed, gen, epoch, s, 2, self.rank))
-        ds = TupleImages(cfg.data.shards, self.train.q_keys, self.train.db_keys, mine, cfg.data.image_size,
-                         cfg.data.color_jitter)
-        loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=False,
-                                             num_workers=cfg.data.num_workers, collate_fn=collate_tuples)
+        # no batches (a max_steps_per_epoch cap reached): no worker started for nothing
+        batches = loader.subset(mine, seed_for(cfg.train.seed, gen, epoch, s, 4, self.rank)) if mine else iter(())
+        jitter = DeviceColorJitter(cfg.data.color_jitter) if cfg.data.jitter_on_device else None
         engine.train(True)
         tau = cfg.temperature(gen)
         tau0 = cfg.loss.temperatures[0]
-        losses = []
+        losses: List[torch.Tensor] = []  # on the device: read at log steps and at the end only (no per-step sync)
         bar = Progress(steps, f"train generation {gen} epoch {epoch} subset {s}", unit="step")
         t0 = time.time()
-        for batch in loader:
-            loss, parts = self._loss(engine, batch, gen, tau0, tau, teacher)
+        for batch in batches:
+            images = self._to_device(batch["images"])
+            if jitter is not None:
+                images = jitter(images)
+            loss, parts = self._loss(engine, images, batch["tuples"], gen, tau0, tau, teacher)
             engine.backward_step(loss)
             self.state.step += 1
             self.state.epoch_step += 1
             self.state.total_steps += 1
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())
             if self.state.step % cfg.train.log_every == 0:
                 elapsed = time.time() - t0
-                self.tracker.log_metrics({**parts, "loss": losses[-1], "lr": engine.optimizer.param_groups[0]["lr"],
+                last = float(losses[-1])
+                self.tracker.log_metrics({**{k: float(v) for k, v in parts.items()}, "loss": last,
+                                          "lr": engine.optimizer.param_groups[0]["lr"],
                                           "tuples_per_s": len(losses) * per_step / max(elapsed, 1e-9)},
                                          step=self.state.step)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                bar.set_postfix(loss=f"{last:.4f}")
             bar.update()
+        out = torch.stack(losses).tolist() if losses else []
+        if out:
+            bar.set_postfix(loss=f"{out[-1]:.4f}")
         bar.close()
-        return losses
+        return out
 
-    def _loss(self, engine, batch, gen: int, tau0: float, tau: float, teacher):
+    def _loss(self, engine, images: torch.Tensor, tuples: List[Dict], gen: int, tau0: float, tau: float, teacher):
+        """The loss of one batch (``images`` on the device, ``tuples`` their layout) and its
+        parts, as device tensors: nothing here waits for the device."""
         cfg = self.cfg
-        images = torch.cat([b["images"] for b in batch]).to(self.device)
         regions = engine.forward(images, regions=True)  # (N, 9, D)
-        q, p, negs, nregs, soft_s, soft_t, masks = [], [], [], [], [], [], []
-        k_max = max([len(b["difficult"]) for b in batch] + [1])
+        q, p, negs, nregs, soft_s = [], [], [], [], []
+        k_max = max([len(b["difficult"]) for b in tuples] + [1])
         off = 0
-        for b in batch:
+        for b in tuples:
             n, k = b["num_negatives"], len(b["difficult"])
             r = regions[off:off + 2 + n + k]
             off += 2 + n + k
@@ -327,20 +353,24 @@ class Trainer:
             nregs.append(r[2:2 + n])
             if gen >= 1:
                 s = torch.einsum("d,krd->kr", r[0, 0], r[2 + n:]) if k else r.new_zeros(0, 9)
-                t = torch.as_tensor(teacher.lookup(b["query"], b["difficult"]), device=s.device) if k \
-                    else s.new_zeros(0, 9)
-                pad = k_max - k
-                soft_s.append(torch.cat([s, s.new_zeros(pad, 9)]))
-                soft_t.append(torch.cat([t.float(), t.new_zeros(pad, 9).float()]))
-                masks.append(torch.arange(k_max, device=s.device) < k)
+                soft_s.append(torch.cat([s, s.new_zeros(k_max - k, 9)]))
         q, p = torch.stack(q), torch.stack(p)
         if gen == 0:
             hard = tuple_loss(q, p, torch.stack(negs), kind=cfg.loss.kind, temp=tau0, margin=cfg.loss.hinge_margin)
-            return hard, {"loss_hard": float(hard.detach())}
+            return hard, {"loss_hard": hard.detach()}
+        # the teacher's soft labels of the whole batch, padded to k_max: one host -> device copy
+        soft_t = np.zeros((len(tuples), k_max, 9), dtype=np.float32)
+        masks = np.zeros((len(tuples), k_max), dtype=bool)
+        for i, b in enumerate(tuples):
+            k = len(b["difficult"])
+            if k:
+                soft_t[i, :k] = teacher.lookup(b["query"], b["difficult"])
+                masks[i, :k] = True
         hard = sfrs_hard_loss(q, p, torch.stack(nregs), temp=tau0, kind=cfg.loss.kind, margin=cfg.loss.hinge_margin)
-        soft = sfrs_soft_loss(torch.stack(soft_s), torch.stack(soft_t), torch.stack(masks), tau0=tau0, tau_g=tau)
+        soft = sfrs_soft_loss(torch.stack(soft_s), self._to_device(torch.from_numpy(soft_t)),
+                              self._to_device(torch.from_numpy(masks)), tau0=tau0, tau_g=tau)
         loss = hard + cfg.loss.soft_weight * soft
-        return loss, {"loss_hard": float(hard.detach()), "loss_soft": float(soft.detach())}
+        return loss, {"loss_hard": hard.detach(), "loss_soft": soft.detach()}
 
     # ------------------------------------------------------------ test/ckpt
     def _test(self, net, gen: int, tag: str = ""):
