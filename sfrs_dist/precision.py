@@ -116,9 +116,9 @@ def probe(device: torch.device) -> Hardware:
     if device.type == "cuda" and torch.cuda.is_available():
         cap = tuple(torch.cuda.get_device_capability(device))
     try:
-        from .evaluation.search import num_faiss_gpus
+        import faiss
 
-        gpus = num_faiss_gpus()
+        gpus = int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
     except ImportError:
         gpus = 0
     return Hardware(device.type, read_cpu_flags(), cap, gpus)

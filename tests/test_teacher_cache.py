@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from sfrs_dist import teacher_cache as tc
+from sfrs_dist.teacher import cache as tc
 
 
 def _setup(seed=0, nq=15, ndb=40, dim=16):

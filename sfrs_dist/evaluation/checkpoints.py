@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint_io import load_checkpoint
 from ..config import Config
 from ..models import SFRSNet, build_model, config_freeze_batchnorm, config_input_norm
 from ..models.openibl import build_model_from_openibl
-from ..training.checkpoint import load_checkpoint
 
 
 class NoNetworkError(ValueError):

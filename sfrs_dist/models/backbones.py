@@ -69,6 +69,9 @@ DEFAULT_TRAINABLE = {"vgg16": "conv5", "resnet18": "layer3", "resnet50": "layer3
 
 TrainableSpec = Union[str, int, None]
 
+#: Prefix of the backbone's keys in OpenIBL checkpoints (after any ``module.``).
+OPENIBL_BACKBONE_PREFIX = "base_model.base."
+
 
 def build_backbone(
     name: str,
@@ -306,8 +309,6 @@ def read_state_file(path: str, mmap: bool = False) -> Dict[str, torch.Tensor]:
 
 def _map_backbone_keys(name: str, state: Dict[str, torch.Tensor], module_keys: set) -> Dict[str, torch.Tensor]:
     """Translate known key layouts to the backbone's own names; drop known extra parts."""
-    from .openibl import OPENIBL_BACKBONE_PREFIX
-
     if any(k.startswith(OPENIBL_BACKBONE_PREFIX) for k in state):
         return OrderedDict(
             (k[len(OPENIBL_BACKBONE_PREFIX):], v) for k, v in state.items() if k.startswith(OPENIBL_BACKBONE_PREFIX)

@@ -19,12 +19,11 @@ from typing import Dict, Optional
 
 import torch
 
-from .backbones import TrainableSpec, read_state_file
+from .backbones import OPENIBL_BACKBONE_PREFIX, TrainableSpec, read_state_file
 from .network import SFRSNet, build_model
 
 log = logging.getLogger(__name__)
 
-OPENIBL_BACKBONE_PREFIX = "base_model.base."
 OPENIBL_NETVLAD_PREFIX = "net_vlad."
 SFRS_BACKBONE_PREFIX = "backbone."
 SFRS_NETVLAD_PREFIX = "netvlad."

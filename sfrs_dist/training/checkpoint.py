@@ -8,18 +8,15 @@ so resuming at a subset boundary replays exactly the same batches.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
-
-import torch
+from typing import Dict, Optional
 
 from .. import distributed as du
+from ..checkpoint_io import atomic_torch_save, file_hash, load_checkpoint  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +50,6 @@ class TrainState:
 
 def checkpoint_name(generation: int, epoch: int, subset: int) -> str:
     return f"ckpt_g{generation:02d}_e{epoch:03d}_s{subset:04d}.pt"
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary name in the same folder, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
@@ -141,17 +129,3 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> Optional[Path]:
     return Path(path) if path else None
 
 
-def file_hash(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file (short hex), used to key caches by the checkpoint they came from."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
-def load_checkpoint(path: Path) -> Dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise RuntimeError(f"checkpoint {path} cannot be read ({exc})") from exc

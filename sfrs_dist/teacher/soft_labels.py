@@ -1,6 +1,6 @@
 """The teacher pass: the previous generation's final network run once over the training data.
 
-It produces the soft labels of a generation (see ``teacher_cache``), sharded by rank and
+It produces the soft labels of a generation (see ``teacher.cache``), sharded by rank and
 keyed by the teacher checkpoint's hash, the shard manifest and the input size, so training
 steps never run the teacher and a restart, or another job with the same teacher, reuses it.
 """
@@ -15,15 +15,15 @@ from typing import List, Tuple
 import numpy as np
 import torch
 
-from . import distributed as du
-from . import teacher_cache as tc
-from .config import Config
-from .data.manifest import MANIFEST_NAME, Manifest
-from .data.streaming import expected_count
-from .models import SFRSNet, build_model, config_freeze_batchnorm, config_input_norm
-from .progress import Progress
-from .training.checkpoint import file_hash, load_checkpoint
-from .training.passes import eval_mode, extract_group, pass_loader
+from .. import distributed as du
+from ..checkpoint_io import file_hash, load_checkpoint
+from ..config import Config
+from ..data.manifest import MANIFEST_NAME, Manifest
+from ..data.streaming import expected_count
+from ..models import SFRSNet, build_model, config_freeze_batchnorm, config_input_norm
+from ..progress import Progress
+from ..training.passes import eval_mode, extract_group, pass_loader
+from . import cache as tc
 
 log = logging.getLogger(__name__)
 
