@@ -35,7 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sfrs_dist import teacher_cache as tc  # noqa: E402
+from sfrs_dist.teacher import cache as tc  # noqa: E402
 from sfrs_dist.config import load_config  # noqa: E402
 from sfrs_dist.data.manifest import Manifest  # noqa: E402
 from sfrs_dist.training.checkpoint import latest_checkpoint  # noqa: E402
