@@ -36,7 +36,7 @@ STAGES = {
 def unit_of(module: str) -> str:
     """``sfrs_dist.mining.knn`` -> ``mining`` (the first component below sfrs_dist)."""
     parts = module.split(".")
-    return parts[1] if len(parts) > 1 else ""
+    return parts[1] if len(parts) > 1 and parts[1] != "__init__" else ""  # sfrs_dist/__init__: the root
 
 
 def imports_of(path: Path) -> Set[str]:

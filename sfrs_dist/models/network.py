@@ -102,7 +102,7 @@ _RAW_VGG_KEY = re.compile(r"^\d+\.(weight|bias)$")
 
 def _vgg16_file_norm(path: str) -> str:
     """``imagenet`` for torchvision-layout VGG16 files, ``netvlad`` for MatConvNet/OpenIBL ones."""
-    from .openibl import OPENIBL_BACKBONE_PREFIX
+    from .backbones import OPENIBL_BACKBONE_PREFIX
 
     if not os.path.isfile(path):
         raise ValueError(
