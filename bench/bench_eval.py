@@ -14,12 +14,22 @@ reports its wall time (search + recall, data loading excluded) and its peak resi
 
     python bench/bench_eval.py                       # full scale (a few minutes on 2 cores)
     python bench/bench_eval.py --queries 500 --db 5000 --dim 512
+
+``--sharded 1,2`` also runs the evaluation's sharded-database search
+(``sharded_search_topk``: each rank holds its contiguous share of the database and every
+query, searches its share, the per-rank top-20 are all-gathered and merged) in W gloo
+processes for each W listed, and reports every rank's peak memory above its own baseline
+(interpreter, imports and a first collective, measured before the data is loaded), with the CPU
+(``lscpu`` model name). Its top-20 is checked against the ``faiss`` method's.
+
+    python bench/bench_eval.py --dim 256 --methods faiss --sharded 1,2   # Pitts250k-test size, 256-d
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import subprocess
@@ -32,6 +42,8 @@ import numpy as np
 
 NS = (1, 5, 10, 20)
 METHODS = ("faiss", "bf16", "dense")
+
+log = logging.getLogger("bench_eval")
 
 
 def synthetic_city(n_q: int, n_db: int, dim: int, noise: float, out_dir: str, seed: int) -> None:
@@ -111,6 +123,107 @@ def run_child(method: str, data_dir: str) -> Dict:
     return result
 
 
+def cpu_model() -> str:
+    """The ``lscpu`` model name (``unknown`` where lscpu is missing)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+                "unknown")
+
+
+def read_rows(path: str, rank: int, world: int):
+    """Rank ``rank``'s contiguous share of the rows of a 2-d float32 .npy file, read directly
+    into its own array (no memory map, whose pages would count in the resident memory)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        (n, dim), fortran, dtype = read_header(f)
+        if fortran or dtype != np.float32:
+            raise ValueError(f"{path}: expected a C-order float32 matrix")
+        start, end = rank * n // world, (rank + 1) * n // world
+        f.seek(start * dim * 4, os.SEEK_CUR)
+        rows = np.fromfile(f, dtype=np.float32, count=(end - start) * dim).reshape(end - start, dim)
+    return rows, start, end
+
+
+def run_sharded_rank(data_dir: str, rank: int, world: int, port: int) -> Dict:
+    """One rank of the sharded-database search: its contiguous database rows, every query."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    import torch
+    import torch.distributed as dist
+
+    from sfrs_dist.evaluation.recall import recall_at_n
+    from sfrs_dist.evaluation.search import sharded_search_topk
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        dist.all_gather_object([None] * world, np.zeros((64, 64)))  # gloo's buffers and threads, in the baseline
+    base_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    db, start, end = read_rows(os.path.join(data_dir, "db.npy"), rank, world)
+    queries = np.load(os.path.join(data_dir, "queries.npy"))
+    t0 = time.perf_counter()
+    _, topk = sharded_search_topk(db, np.arange(start, end), queries, max(NS))
+    result: Dict = {"method": f"sharded{world}", "rank": rank, "rows": end - start,
+                    "seconds": time.perf_counter() - t0,
+                    "search_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if rank == 0:
+        result["recalls"] = recall_at_n(topk, load_positives(data_dir), NS)
+        ref = os.path.join(data_dir, "topk_faiss.npy")
+        if os.path.exists(ref):
+            result["same_as_faiss"] = bool(np.array_equal(topk, np.load(ref)))
+    result["base_mb"] = base_mb
+    result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    if world > 1:
+        dist.destroy_process_group()
+    return result
+
+
+def spawn_sharded(world: int, data_dir: str) -> List[Dict]:
+    """W rank processes of ``run_sharded_rank``; their results in rank order."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", "sharded", "--data", data_dir,
+                               "--rank", str(r), "--world", str(world), "--port", str(port)],
+                              stdout=subprocess.PIPE, text=True) for r in range(world)]
+    out = []
+    for p in procs:
+        stdout, _ = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"sharded rank process failed ({p.returncode})")
+        out.append(json.loads(stdout.strip().splitlines()[-1]))
+    return out
+
+
+def report_sharded(runs: Dict[int, List[Dict]], db_mb: float, q_mb: float) -> None:
+    log.info("sharded database search, CPU %s (%d cores visible); database %.0f MB, queries %.0f MB",
+             cpu_model(), os.cpu_count(), db_mb, q_mb)
+    log.info("(search: peak after the search and merge; +recall: after rank 0's recall computation too)")
+    log.info("%-7s%6s%10s%10s%10s%18s%18s", "ranks", "rank", "rows", "seconds", "peak MB", "search-base MB",
+             "+recall-base MB")
+    for world, ranks in sorted(runs.items()):
+        for r in ranks:
+            log.info("%-7d%6d%10d%10.1f%10.0f%18.0f%18.0f", world, r["rank"], r["rows"], r["seconds"], r["peak_mb"],
+                     r["search_peak_mb"] - r["base_mb"], r["peak_mb"] - r["base_mb"])
+        head = ranks[0]
+        log.info("ranks=%d: recalls %s, top-20 identical to the faiss method: %s", world,
+                 " ".join(f"R@{n} {100 * head['recalls'][str(n)]:.2f}" for n in NS), head.get("same_as_faiss", "n/a"))
+    if 1 in runs:
+        for what in ("search_peak_mb", "peak_mb"):
+            one = runs[1][0][what] - runs[1][0]["base_mb"]
+            for world, ranks in sorted(runs.items()):
+                if world > 1:
+                    worst = max(r[what] - r["base_mb"] for r in ranks)
+                    log.info("ranks=%d: largest per-rank %s above baseline %.0f MB = %.2f of the 1-rank %.0f MB",
+                             world, "search peak" if what == "search_peak_mb" else "peak", worst,
+                             worst / max(one, 1e-9), one)
+
+
 def spawn(method: str, data_dir: str) -> Dict:
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", method, "--data", data_dir],
                          check=True, capture_output=True, text=True)
@@ -152,12 +265,22 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="same-place similarity over the std of unrelated similarities (sets the noise)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sharded", default="",
+                   help="comma-separated rank counts for the sharded-database search, e.g. 1,2 (default: none)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child == "sharded":
+        print(json.dumps(run_sharded_rank(args.data, args.rank, args.world, args.port)))
+        return
     if args.child:
         print(json.dumps(run_child(args.child, args.data)))
         return
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    worlds = [int(w) for w in args.sharded.split(",") if w]
     methods = [m for m in args.methods.split(",") if m]
     unknown = set(methods) - set(METHODS)
     if unknown:
@@ -174,6 +297,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             results[m] = spawn(m, data_dir)
             print(f"{m}: {results[m]['seconds']:.1f}s, peak {results[m]['peak_mb']:.0f} MB", flush=True)
         report(results, data_dir, methods)
+        if worlds:
+            runs = {w: spawn_sharded(w, data_dir) for w in worlds}
+            report_sharded(runs, args.db * args.dim * 4 / 2**20, args.queries * args.dim * 4 / 2**20)
 
 
 if __name__ == "__main__":

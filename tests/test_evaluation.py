@@ -341,3 +341,221 @@ def test_gather_descriptors_two_gloo_ranks(tmp_path):
         np.testing.assert_allclose(got, ref, atol=1e-6)
         assert "more than once" in (tmp_path / f"dup{rank}.txt").read_text()
         assert "'k00'" in (tmp_path / f"dup{rank}.txt").read_text()
+
+
+# ----------------------------------------------------------------------------- sharded database
+
+
+def test_merge_topk_orders_by_score_then_global_id():
+    from sfrs_dist.evaluation.search import merge_topk
+
+    a = (np.array([[0.9, 0.5, -np.inf]], np.float32), np.array([[7, 3, -1]]))
+    b = (np.array([[0.9, 0.7, 0.5]], np.float32), np.array([[2, 8, 1]]))
+    scores, ids = merge_topk([a, b], 5)
+    np.testing.assert_array_equal(ids, [[2, 7, 8, 1, 3]])  # ties (0.9, 0.5): smaller id first
+    np.testing.assert_array_equal(scores, np.array([[0.9, 0.9, 0.7, 0.5, 0.5]], np.float32))
+    scores, ids = merge_topk([a], 4)  # fewer results than k: padded
+    np.testing.assert_array_equal(ids, [[7, 3, -1, -1]])
+    assert np.isneginf(scores[0, 2:]).all()
+
+
+def test_sharded_search_single_process_equals_full_search():
+    """Shards of uneven size, one empty, rows not contiguous: merged top-k equals the full search."""
+    from sfrs_dist.evaluation.search import merge_topk, search_shard, sharded_search_topk
+
+    rng = np.random.default_rng(11)
+    db, queries = unit(rng.standard_normal((90, 16))), unit(rng.standard_normal((20, 16)))
+    owner = rng.integers(0, 3, 90)
+    owner[owner == 2] = 1  # shard 2 empty
+    for k in (7, 120):  # 120 > database: padding
+        ref_s, ref_i = search_topk(db, queries, k)
+        parts = [search_shard(db[owner == r], np.flatnonzero(owner == r), queries, k) for r in range(3)]
+        s, i = merge_topk(parts, k)
+        np.testing.assert_array_equal(i, ref_i)
+        np.testing.assert_allclose(s, ref_s, atol=1e-6)
+    s, i = sharded_search_topk(db, np.arange(90), queries, 7)  # no process group: one shard
+    np.testing.assert_array_equal(i, search_topk(db, queries, 7)[1])
+
+
+def test_recall_from_topk_uses_only_the_search_depth():
+    rng = np.random.default_rng(12)
+    n_db = 60
+    pano = np.arange(n_db) // 3
+    topk = np.stack([rng.permutation(n_db) for _ in range(10)])
+    gt = [rng.choice(n_db, 4, replace=False) for _ in range(10)]
+    from sfrs_dist.evaluation.recall import recall_from_topk
+
+    ns = (1, 2)
+    ref = recall_table(spatial_nms(topk[:, :24], pano, 2), gt, None, ns)
+    assert recall_from_topk(topk, gt, ns, panorama_ids=pano) == ref
+    assert recall_from_topk(topk[:, :24], gt, ns, panorama_ids=pano) == ref
+    with pytest.raises(ValueError, match=">= 24"):
+        recall_from_topk(topk[:, :20], gt, ns, panorama_ids=pano)
+
+
+SHARD_NS = (1, 2, 5)  # Tokyo: 12 * 5 = 60 neighbours, more than its 48 database images
+
+
+def _write_noise_jpeg(path, rng, size):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path, format="JPEG", quality=95)
+
+
+def _noise_split(root, name, n_db, n_q, per_pano, conditions, seed):
+    from sfrs_dist.data.records import DATABASE, QUERY, Record, SplitData, make_key
+
+    rng = np.random.default_rng(seed)
+    recs = {}
+    for role, n in ((DATABASE, n_db), (QUERY, n_q)):
+        out = []
+        for i in range(n):
+            rel = f"{role}/{i:06d}.jpg"
+            f = root / name / rel
+            _write_noise_jpeg(f, rng, (24, 32) if role == DATABASE else (28, 40))
+            place = i // per_pano if role == DATABASE else i * n_db / (n_q * per_pano)
+            out.append(Record(key=make_key(name, "test", role, i), name=name, split="test", role=role, index=i,
+                              relpath=rel, file=str(f), utm=(500000.0 + 9.0 * place, 4400000.0),
+                              condition=conditions[i % len(conditions)] if role == QUERY and conditions else None))
+        recs[role] = out
+    return SplitData(name=name, split="test", database=recs[DATABASE], queries=recs[QUERY])
+
+
+@pytest.fixture(scope="module")
+def noise_shards(tmp_path_factory):
+    """A Pittsburgh-like split and a Tokyo 24/7-like one (4 cutouts per panorama), shards of 5."""
+    from sfrs_dist.data.shards import build_shards
+
+    root = tmp_path_factory.mktemp("noise")
+    splits = [_noise_split(root / "raw", "pitts30k", 53, 17, 1, None, 0),
+              _noise_split(root / "raw", "tokyo247", 48, 15, 4, ("day", "sunset", "night"), 1)]
+    build_shards(splits, root / "shards", shard_size=5, workers=1, progress=False)
+    return root / "shards"
+
+
+class _NoiseNet(torch.nn.Module):
+    """Pooled pixels through a fixed random projection, L2-normalised: ties-free descriptors."""
+
+    def __init__(self, dim: int = 24) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.pool = torch.nn.AdaptiveAvgPool2d((4, 4))
+        self.proj = torch.nn.Linear(48, dim, bias=False)
+        self.output_dim = dim
+
+    def forward(self, x):
+        f = self.pool(x).flatten(1)
+        return torch.nn.functional.normalize(self.proj(f - f.mean(1, keepdim=True)), dim=1)
+
+
+def _noise_pca():
+    return PCAWhitening(dims=10).fit(np.random.default_rng(6).standard_normal((200, 24)).astype(np.float32))
+
+
+def _sharded_eval_runs(shard_dir: str, layouts=(True, False)) -> dict:
+    """Tables and retrieved ids of the layouts (``shard_db`` values), without and with PCA.
+
+    The PCA is fitted on rank 0 only: ``evaluate_splits`` broadcasts it in the sharded layout.
+    """
+    from sfrs_dist import distributed as du
+    from sfrs_dist.config import DataConfig
+    from sfrs_dist.data.manifest import Manifest
+    from sfrs_dist.evaluation.pca import broadcast_pca
+    from sfrs_dist.evaluation.runner import evaluate_splits, sharded_split_topk
+
+    manifest = Manifest.load(shard_dir)
+    data = DataConfig(shards=shard_dir, image_size=[24, 32], num_workers=0, extract_batch_size=4)
+    net = _NoiseNet().eval()
+    sids = ["pitts30k_test", "tokyo247_test"]
+    pca0 = _noise_pca() if du.is_main_process() else None
+    pca_all = broadcast_pca(pca0)
+    probe = np.random.default_rng(7).standard_normal((5, 24)).astype(np.float32)
+    out = {"pca_same": bool(np.array_equal(pca_all.transform(probe), _noise_pca().transform(probe)))}
+    for shard_db in layouts:
+        for with_pca in (False, True):
+            ids = {}
+            tables = evaluate_splits(net, 24, manifest, sids, data, torch.device("cpu"), SHARD_NS,
+                                     pca=(pca0 if shard_db else pca_all) if with_pca else None,
+                                     on_topk=lambda sid, topk, ids=ids: ids.update({sid: topk.tolist()}),
+                                     shard_db=shard_db)
+            key = f"{'sharded' if shard_db else 'gathered'}{'_pca' if with_pca else ''}"
+            out[key] = {"tables": {sid: [{c: {str(n): v for n, v in row.items()} for c, row in t.items()}, counts]
+                                   for sid, (t, counts) in tables.items()}, "ids": ids}
+    if du.get_world_size() == 1:
+        gaps = []  # between consecutive scores down to the first one past the search depth
+        for sid, depth in (("pitts30k_test", 5), ("tokyo247_test", 60)):
+            for pca in (None, pca_all):
+                scores, _ = sharded_split_topk(net, 24, manifest, sid, data, torch.device("cpu"), depth + 1, pca=pca)
+                scores = scores[:, np.isfinite(scores).all(axis=0)]
+                gaps.append(float(np.min(scores[:, :-1] - scores[:, 1:])))
+        out["min_gap"] = min(gaps)
+    return out
+
+
+def _sharded_eval_worker(rank: int, init_dir: str, shard_dir: str, out_dir: str) -> None:
+    """The same processes form a world of 3, then ranks 0-1 a world of 2 (imports paid once)."""
+    import json
+
+    torch.set_num_threads(1)
+    for world in (3, 2):
+        if rank >= world:
+            return
+        dist.init_process_group("gloo", init_method=f"file://{init_dir}/init{world}", rank=rank, world_size=world)
+        try:
+            res = _sharded_eval_runs(shard_dir, layouts=(True,))
+        finally:
+            dist.destroy_process_group()
+        with open(os.path.join(out_dir, f"world{world}_rank{rank}.json"), "w") as f:
+            json.dump(res, f)
+
+
+@pytest.fixture(scope="module")
+def gathered_reference(noise_shards):
+    """Both layouts in this process (one rank, no process group)."""
+    return _sharded_eval_runs(str(noise_shards))
+
+
+def test_sharded_evaluation_one_process_equals_gathered(gathered_reference):
+    ref = gathered_reference
+    assert ref["min_gap"] > 1e-6  # no ties among the scores (fp32 rounding: ~1e-7): the order is unambiguous
+    assert 0.0 < ref["gathered"]["tables"]["pitts30k_test"][0]["all"]["5"] < 1.0
+    assert list(ref["gathered"]["tables"]["tokyo247_test"][0]) == ["all", "day", "sunset", "night"]
+    assert ref["gathered"]["tables"]["tokyo247_test"][1] == {"all": 15, "day": 5, "sunset": 5, "night": 5}
+    assert ref["gathered_pca"]["ids"] != ref["gathered"]["ids"]  # the PCA runs compare something else
+    for key in ("sharded", "sharded_pca"):
+        assert ref[key] == ref[key.replace("sharded", "gathered")], key
+    tokyo = np.array(ref["sharded"]["ids"]["tokyo247_test"])  # 60 wanted, 48 images: padding
+    assert tokyo.shape == (15, 60) and (tokyo[:, 48:] == -1).all() and (tokyo[:, :48] >= 0).all()
+
+
+def test_sharded_evaluation_two_and_three_gloo_ranks_equal_gathered(noise_shards, gathered_reference, tmp_path):
+    import json
+
+    (tmp_path / "init").mkdir()
+    mp.spawn(_sharded_eval_worker, args=(str(tmp_path / "init"), str(noise_shards), str(tmp_path)), nprocs=3,
+             join=True)
+    ref = gathered_reference
+    for world in (3, 2):
+        for rank in range(world):
+            got = json.loads((tmp_path / f"world{world}_rank{rank}.json").read_text())
+            assert got["pca_same"]
+            for key in ("sharded", "sharded_pca"):
+                gathered = ref[key.replace("sharded", "gathered")]
+                assert got[key]["tables"] == gathered["tables"], (world, rank, key)
+                # the callback runs on rank 0: the same retrievals, padding included
+                assert got[key]["ids"] == (gathered["ids"] if rank == 0 else {}), (world, rank, key)
+
+
+def test_render_examples_from_merged_topk(noise_shards, gathered_reference, tmp_path):
+    from PIL import Image
+
+    from sfrs_dist.data.manifest import Manifest
+    from sfrs_dist.evaluation.runner import render_examples
+
+    manifest = Manifest.load(noise_shards)
+    ids = np.array(gathered_reference["sharded"]["ids"]["tokyo247_test"])
+    written = render_examples(manifest, "tokyo247_test", ids, tmp_path / "examples")
+    keys = manifest.group_keys("tokyo247_test_q")
+    assert [os.path.basename(p) for p in written] == [f"{keys[i]}_top5.png" for i in (0, 7, 14)]
+    assert all(Image.open(p).size[0] > Image.open(p).size[1] for p in written)  # query + 5 retrievals in a row

@@ -7,10 +7,11 @@ from sfrs_dist.evaluation.recall import (
     evaluate_retrieval,
     format_recall_table,
     recall_at_n,
+    recall_from_topk,
     recall_table,
     spatial_nms,
 )
-from sfrs_dist.evaluation.search import search_topk
+from sfrs_dist.evaluation.search import merge_topk, search_topk, sharded_search_topk
 from sfrs_dist.evaluation.visualize import render_region_similarity, render_retrievals
 
 __all__ = [
@@ -20,11 +21,14 @@ __all__ = [
     "extract_descriptors",
     "format_recall_table",
     "gather_descriptors",
+    "merge_topk",
     "order_descriptors",
     "recall_at_n",
+    "recall_from_topk",
     "recall_table",
     "render_region_similarity",
     "render_retrievals",
     "search_topk",
+    "sharded_search_topk",
     "spatial_nms",
 ]

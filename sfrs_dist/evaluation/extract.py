@@ -118,3 +118,29 @@ def gather_descriptors(keys: Sequence[str], descs: np.ndarray, ordered_keys: Seq
     descs = np.ascontiguousarray(descs, dtype=np.float32)
     shards = all_gather_object((list(keys), descs))
     return order_descriptors(shards, ordered_keys)
+
+
+def gather_rows(positions: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+    """All-gather every rank's ``(positions, rows)`` into one ``(n, dim)`` array, row ``p`` at ``p``.
+
+    For the parts kept by ``extract_group_local`` (positions in manifest order); every
+    position in ``[0, n)`` must come from exactly one rank. A collective: every rank calls it.
+    """
+    positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if rows.ndim != 2 or rows.shape[0] != positions.shape[0]:
+        raise ValueError(f"{positions.shape[0]} positions for rows of shape {rows.shape}")
+    parts = all_gather_object((positions, rows))
+    dims = {r.shape[1] for _, r in parts}
+    if len(dims) > 1:
+        raise ValueError(f"ranks sent rows of different dimensions {sorted(dims)}")
+    allpos = np.concatenate([p for p, _ in parts])
+    if allpos.size and (allpos.min() < 0 or allpos.max() >= n):
+        raise ValueError(f"positions out of range [0, {n})")
+    count = np.bincount(allpos, minlength=n)
+    if (count != 1).any():
+        raise ValueError(f"{int((count == 0).sum())} of {n} rows missing, {int((count > 1).sum())} sent twice")
+    out = np.empty((n, dims.pop()), dtype=np.float32)
+    for p, r in parts:
+        out[p] = r
+    return out

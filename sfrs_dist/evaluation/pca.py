@@ -27,6 +27,8 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
+from sfrs_dist import distributed as du
+
 log = logging.getLogger(__name__)
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -236,3 +238,26 @@ class PCAWhitening:
         if utmu.shape[0] == stored and not np.allclose(utmu[:d], pca.Utmu, rtol=1e-3, atol=1e-4):
             log.warning("PCA file %s: stored Utmu differs from U^T mu; using U^T mu", path)
         return pca
+
+
+def broadcast_pca(pca: Optional[PCAWhitening], src: int = 0) -> PCAWhitening:
+    """Rank ``src``'s fitted PCA on every rank (the others pass anything, e.g. None).
+
+    ``U``, ``lams`` and ``mu`` travel as arrays (``distributed.broadcast_array``), the
+    receivers rebuild the same projection from them. Identity when not distributed. A
+    collective: every rank calls it with the same ``src``.
+    """
+    mine = du.get_rank() == src
+    if mine and (pca is None or not pca.fitted):
+        raise ValueError(f"broadcast_pca: rank {src} has no fitted PCA to send")
+    if not du.is_distributed():
+        return pca
+    whiten = du.broadcast_object(bool(pca.whiten) if mine else None, src)
+    U = du.broadcast_array(pca.U if mine else None, src)
+    lams = du.broadcast_array(pca.lams[None, :] if mine else None, src)
+    mu = du.broadcast_array(pca.mu[None, :] if mine else None, src)
+    if mine:
+        return pca
+    out = PCAWhitening(dims=U.shape[1], whiten=whiten)
+    out._set(U, lams[0], mu[0])
+    return out

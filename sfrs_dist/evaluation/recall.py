@@ -158,20 +158,49 @@ def format_recall_table(table: Dict[str, Dict[int, float]], counts: Optional[Dic
     return "\n".join(lines)
 
 
+def search_depth(ns: Sequence[int], spatial: bool = False) -> int:
+    """Neighbours to retrieve per query: ``max(ns)``, or ``12 * max(ns)`` before spatial NMS."""
+    if not ns:
+        raise ValueError("ns is empty")
+    return 12 * max(ns) if spatial else max(ns)
+
+
+def recall_from_topk(topk_indices: np.ndarray, positives: Sequence[np.ndarray],
+                     ns: Sequence[int] = DEFAULT_NS,
+                     panorama_ids: Optional[np.ndarray] = None,
+                     conditions: Optional[Sequence[str]] = None,
+                     ) -> Dict[str, Dict[int, float]]:
+    """Recall table from retrieved indices: optional spatial NMS, then ``recall_table``.
+
+    Args:
+        topk_indices: (Q, M) retrieved database indices, best first, with
+            ``M >= search_depth(ns, panorama_ids is not None)``; only the first
+            ``search_depth`` columns are used (so a deeper search gives the same table).
+        positives, conditions, ns: as for ``recall_table``.
+        panorama_ids: database panorama ids; when given, the ``12 * max(ns)`` retrieved
+            images are reduced to one per panorama first (the Tokyo 24/7 protocol).
+    """
+    topk = np.asarray(topk_indices)
+    depth = search_depth(ns, panorama_ids is not None)
+    if topk.ndim != 2 or topk.shape[1] < depth:
+        raise ValueError(f"topk_indices must be (queries, >= {depth}), got shape {topk.shape}")
+    topk = topk[:, :depth]
+    if panorama_ids is not None:
+        topk = spatial_nms(topk, panorama_ids, max(ns))
+    return recall_table(topk, positives, conditions, ns)
+
+
 def evaluate_retrieval(db: np.ndarray, queries: np.ndarray, positives: Sequence[np.ndarray],
                        ns: Sequence[int] = DEFAULT_NS,
                        panorama_ids: Optional[np.ndarray] = None,
                        conditions: Optional[Sequence[str]] = None,
                        use_gpu: Union[str, bool] = "auto", bf16: bool = False,
                        ) -> Dict[str, Dict[int, float]]:
-    """Search, optional spatial NMS (when ``panorama_ids`` is given), then ``recall_table``.
+    """Search (``search_depth`` neighbours), then ``recall_from_topk``.
 
     With panorama ids, ``12 * max(ns)`` neighbours are retrieved and reduced to one image per
     panorama before computing recalls (the Tokyo 24/7 protocol).
     """
-    n_max = max(ns)
-    k = 12 * n_max if panorama_ids is not None else n_max
+    k = search_depth(ns, panorama_ids is not None)
     _, topk = search_topk(db, queries, k, use_gpu=use_gpu, bf16=bf16)
-    if panorama_ids is not None:
-        topk = spatial_nms(topk, panorama_ids, n_max)
-    return recall_table(topk, positives, conditions, ns)
+    return recall_from_topk(topk, positives, ns, panorama_ids=panorama_ids, conditions=conditions)

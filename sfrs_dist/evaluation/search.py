@@ -19,6 +19,12 @@ Two paths, both without a dense query x database matrix:
   candidates crowd it out. The speed-up depends on the CPU's bf16 support (AVX512-BF16,
   AMX); without it the matmul can be slower than faiss in fp32.
 
+Sharded database (``sharded_search_topk``): every rank holds only its own database rows
+(with their global ids) and the full query matrix, searches its rows for every query by one
+of the paths above, and the per-rank ``(Q, k)`` results are all-gathered and merged
+(``merge_topk``: best score first, ties by the smaller global id), so no rank ever holds the
+whole database.
+
 Scores are inner products (cosine similarities for unit vectors), sorted best-first.
 Missing results (``k`` larger than the database) get index -1 and score -inf.
 """
@@ -26,13 +32,13 @@ Missing results (``k`` larger than the database) get index -1 and score -inf.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import faiss
 import numpy as np
 import torch
 
-from sfrs_dist.distributed import get_local_rank
+from sfrs_dist.distributed import all_gather_object, get_local_rank
 
 log = logging.getLogger(__name__)
 
@@ -202,3 +208,72 @@ def search_topk(db: np.ndarray, queries: np.ndarray, k: int, use_gpu: Union[str,
     else:
         scores, indices = _search_faiss(db, queries, min(k, db.shape[0]), _resolve_gpu(use_gpu, k), chunk)
     return _pad(scores, indices, k)
+
+
+# ------------------------------------------------------------------ sharded database
+
+
+def sort_topk(scores: np.ndarray, ids: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Per row, the ``k`` entries of highest score, ties by the smaller id; ``id < 0`` is padding.
+
+    Padding (score -inf, id -1) sorts last; rows with fewer than ``k`` entries are padded.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    scores = np.where(ids < 0, -np.inf, scores).astype(np.float32, copy=False)
+    ids = np.where(ids < 0, -1, ids)
+    # Key order: padding last, then score descending, then id ascending.
+    order = np.lexsort((ids, -scores, ids < 0), axis=-1)[:, :k]
+    scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+    return _pad(scores, ids, k)
+
+
+def merge_topk(parts: Sequence[Tuple[np.ndarray, np.ndarray]], k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard ``(scores, global ids)`` of the same queries into one best-first top-``k``.
+
+    Ties are broken by the smaller global id, so the result does not depend on how the
+    database is split; missing results (fewer than ``k`` items in all) are padded.
+    """
+    if not parts:
+        raise ValueError("merge_topk: no shard results")
+    rows = {p[0].shape[0] for p in parts}
+    if len(rows) != 1:
+        raise ValueError(f"merge_topk: shards answered different numbers of queries {sorted(rows)}")
+    scores = np.concatenate([np.asarray(p[0], dtype=np.float32) for p in parts], axis=1)
+    ids = np.concatenate([np.asarray(p[1], dtype=np.int64) for p in parts], axis=1)
+    return sort_topk(scores, ids, k)
+
+
+def search_shard(db_rows: np.ndarray, global_ids: np.ndarray, queries: np.ndarray, k: int,
+                 use_gpu: Union[str, bool] = "auto", bf16: bool = False,
+                 chunk: int = 1024) -> Tuple[np.ndarray, np.ndarray]:
+    """``search_topk`` over one shard of the database, answered with global ids.
+
+    ``db_rows[i]`` is database item ``global_ids[i]``. An empty shard answers padding only
+    (scores -inf, ids -1).
+    """
+    global_ids = np.asarray(global_ids, dtype=np.int64).reshape(-1)
+    queries = _as_matrix(queries, "queries")
+    if global_ids.shape[0] != np.shape(db_rows)[0]:
+        raise ValueError(f"{global_ids.shape[0]} global ids for {np.shape(db_rows)[0]} database rows")
+    if global_ids.shape[0] == 0:
+        return (np.full((queries.shape[0], k), -np.inf, dtype=np.float32),
+                np.full((queries.shape[0], k), -1, dtype=np.int64))
+    scores, local = search_topk(db_rows, queries, k, use_gpu=use_gpu, bf16=bf16, chunk=chunk)
+    return scores, np.where(local >= 0, global_ids[np.maximum(local, 0)], -1)
+
+
+def sharded_search_topk(db_rows: np.ndarray, global_ids: np.ndarray, queries: np.ndarray, k: int,
+                        use_gpu: Union[str, bool] = "auto", bf16: bool = False,
+                        chunk: int = 1024) -> Tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` of every query over a database whose rows are spread across the ranks.
+
+    Each rank passes its own rows (``db_rows[i]`` is database item ``global_ids[i]``; the
+    ranks' id sets are disjoint) and the same ``queries``; it searches its rows for every
+    query (``search_shard``: this rank's GPU where faiss has GPUs, CPU otherwise, or the bf16
+    path), the ``(Q, k)`` scores and global ids of all ranks are all-gathered and merged
+    (``merge_topk``: ties by the smaller global id). Every rank returns the same
+    ``(scores, ids)``. A collective: every rank calls it. Traffic: ``Q * k * 12`` bytes per
+    rank; no rank holds more than its own database rows.
+    """
+    local = search_shard(db_rows, global_ids, queries, k, use_gpu=use_gpu, bf16=bf16, chunk=chunk)
+    return merge_topk(all_gather_object(local), k)

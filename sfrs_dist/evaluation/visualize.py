@@ -254,17 +254,19 @@ def load_shard_images(shards: Sequence[str], keys: Sequence[str]) -> Dict[str, I
     return found
 
 
-def visualize_queries(query_indices: Sequence[int], queries: np.ndarray, db: np.ndarray,
+def visualize_queries(query_indices: Sequence[int], queries: Optional[np.ndarray], db: Optional[np.ndarray],
                       utm_q: np.ndarray, utm_db: np.ndarray, query_keys: Sequence[str],
                       db_keys: Sequence[str],
                       load_images: Callable[[Sequence[str]], Mapping[str, ImageLike]], out_dir: str,
                       k: int = 5, radius: float = 25.0,
-                      regions: Optional[Mapping[str, np.ndarray]] = None) -> List[str]:
+                      regions: Optional[Mapping[str, np.ndarray]] = None,
+                      topk: Optional[np.ndarray] = None) -> List[str]:
     """Retrieval strips (and region heat maps where ``regions`` has the descriptors) per query.
 
     Args:
         query_indices: rows of ``queries`` to draw.
-        queries, db: (Q, D) and (G, D) L2-normalised descriptors.
+        queries, db: (Q, D) and (G, D) L2-normalised descriptors, searched for the top ``k``
+            of the drawn queries; unused (may be None) when ``topk`` is given.
         utm_q, utm_db: (Q, 2) and (G, 2) positions in metres; a retrieval within ``radius``
             of the query is correct.
         query_keys, db_keys: sample keys of the rows (used to load images and name files).
@@ -272,6 +274,8 @@ def visualize_queries(query_indices: Sequence[int], queries: np.ndarray, db: np.
         out_dir: output folder.
         regions: key -> (9, D) region descriptors; heat maps are drawn for the query against
             its correct retrievals when both have region descriptors.
+        topk: (len(query_indices), >= k) database indices already retrieved for the drawn
+            queries, best first (-1: none), e.g. from a sharded search; replaces the search.
 
     Returns:
         The written PNG paths: ``<query key>_top<k>.png`` and ``<query key>_regions.png``.
@@ -283,7 +287,13 @@ def visualize_queries(query_indices: Sequence[int], queries: np.ndarray, db: np.
         raise ValueError("no query selected")
     if qi.min() < 0 or qi.max() >= len(query_keys):
         raise ValueError(f"query index out of range [0, {len(query_keys)}): {qi.tolist()}")
-    _, topk = search_topk(db, np.asarray(queries)[qi], k)
+    if topk is None:
+        _, topk = search_topk(db, np.asarray(queries)[qi], k)
+    else:
+        topk = np.asarray(topk, dtype=np.int64)
+        if topk.ndim != 2 or topk.shape[0] != qi.size or topk.shape[1] < k:
+            raise ValueError(f"topk must be ({qi.size}, >= {k}), got shape {topk.shape}")
+        topk = topk[:, :k]
     utm_q, utm_db = np.asarray(utm_q, dtype=np.float64), np.asarray(utm_db, dtype=np.float64)
     hits = [[int(j) for j in row if j >= 0] for row in topk]
     needed = [query_keys[q] for q in qi] + [db_keys[j] for row in hits for j in row]

@@ -24,7 +24,7 @@ from ..data.manifest import Manifest
 from ..data.test_sets import group_by_manifest, locate_splits
 from ..data.transforms import DeviceColorJitter
 from ..evaluation.checkpoints import load_for_eval
-from ..evaluation.pca import PCAWhitening
+from ..evaluation.pca import PCAWhitening, broadcast_pca
 from ..evaluation.runner import evaluate_splits, flat_metrics, render_examples
 from ..losses import sfrs_hard_loss, sfrs_soft_loss, tuple_loss
 from ..mining import (
@@ -386,23 +386,25 @@ class Trainer:
                     extract_group(net, net.output_dim, self.manifest, self.train.sid, role, cfg.data, self.device,
                                   bf16=cfg.eval.bf16) for role in ("q", "db")])
                 pca_path = self.ckpt_dir / f"{tag}_pca.h5"
-                if du.is_main_process():  # only rank 0 searches, so only rank 0 needs the PCA
+                if du.is_main_process():  # fitted once, on rank 0
                     pca = PCAWhitening(cfg.eval.pca_dim).fit(train, max_samples=cfg.eval.pca_samples,
                                                              seed=cfg.train.seed)
                     pca_path.parent.mkdir(parents=True, exist_ok=True)
                     pca.save(str(pca_path))
+                del train
+                pca = broadcast_pca(pca)  # every rank whitens and searches its share of the database
             examples_dir = self.run_dir / "examples" / tag
 
-            def draw(sid, db, q):
+            def draw(sid, topk):
                 if sid == sids[0]:
-                    for png in render_examples(self.test_sets[sid], sid, db, q, examples_dir):
+                    for png in render_examples(self.test_sets[sid], sid, topk, examples_dir):
                         self.tracker.log_artifact(Path(png), "retrievals", parent=not tag.startswith("generation"))
 
             tables = {}
             for manifest, group in group_by_manifest(self.test_sets):
                 tables.update(evaluate_splits(net, net.output_dim, manifest, group, cfg.data, self.device,
                                               cfg.eval.recall_ns, pca=pca, bf16=cfg.eval.bf16,
-                                              on_descriptors=draw))
+                                              on_topk=draw))
         return tables, pca_path
 
     def _report_untrained(self, net) -> None:
