@@ -174,9 +174,9 @@ def check_faiss_gpu(device: torch.device) -> str:
 def check_bf16_extraction(device: torch.device, shards: Path) -> str:
     from sfrs_dist.config import load_config
     from sfrs_dist.data.manifest import Manifest
-    from sfrs_dist.evaluation.extract import extract_descriptors
+    from sfrs_dist.extraction.descriptors import extract_descriptors
+    from sfrs_dist.extraction.passes import pass_loader
     from sfrs_dist.models import build_model
-    from sfrs_dist.training.passes import pass_loader
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"data.shards={shards}", "data.num_workers=0"])
     manifest = Manifest.load(shards)

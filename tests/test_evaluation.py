@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sfrs_dist.evaluation.extract import extract_descriptors, gather_descriptors, order_descriptors
 from sfrs_dist.evaluation.pca import PCAWhitening
 from sfrs_dist.evaluation.recall import evaluate_retrieval, recall_at_n, recall_table, spatial_nms
 from sfrs_dist.evaluation.search import num_faiss_gpus, search_topk
+from sfrs_dist.extraction.descriptors import extract_descriptors, gather_descriptors, order_descriptors
 
 
 def unit(x: np.ndarray) -> np.ndarray:

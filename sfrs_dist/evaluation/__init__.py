@@ -1,6 +1,5 @@
 """Evaluation: top-k search, Recall@N, spatial NMS, PCA whitening, extraction and pictures."""
 
-from sfrs_dist.evaluation.extract import extract_descriptors, gather_descriptors, order_descriptors
 from sfrs_dist.evaluation.pca import PCAWhitening
 from sfrs_dist.evaluation.recall import (
     DEFAULT_NS,
@@ -13,6 +12,7 @@ from sfrs_dist.evaluation.recall import (
 )
 from sfrs_dist.evaluation.search import merge_topk, search_topk, sharded_search_topk
 from sfrs_dist.evaluation.visualize import render_region_similarity, render_retrievals
+from sfrs_dist.extraction.descriptors import extract_descriptors, gather_descriptors, order_descriptors
 
 __all__ = [
     "DEFAULT_NS",

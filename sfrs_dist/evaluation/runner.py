@@ -31,8 +31,8 @@ from ..config import DataConfig
 from ..data.datasets import panorama_ids
 from ..data.manifest import Manifest
 from ..data.random_access import ShardReader
-from ..training.passes import extract_group, extract_group_local, transform_kind
-from .extract import gather_rows
+from ..extraction.descriptors import gather_rows
+from ..extraction.passes import extract_group, extract_group_local, transform_kind
 from .pca import PCAWhitening, broadcast_pca
 from .recall import recall_from_topk, search_depth
 from .search import search_topk, sharded_search_topk

@@ -20,9 +20,9 @@ from ..checkpoint_io import file_hash, load_checkpoint
 from ..config import Config
 from ..data.manifest import MANIFEST_NAME, Manifest
 from ..data.streaming import expected_count
+from ..extraction.passes import eval_mode, extract_group, pass_loader
 from ..models import SFRSNet, build_model, config_freeze_batchnorm, config_input_norm
 from ..progress import Progress
-from ..training.passes import eval_mode, extract_group, pass_loader
 from . import cache as tc
 
 log = logging.getLogger(__name__)

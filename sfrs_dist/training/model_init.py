@@ -14,10 +14,10 @@ from ..config import Config
 from ..data.manifest import Manifest
 from ..data.random_access import ShardReader
 from ..data.transforms import make_transform
+from ..extraction.passes import eval_mode
 from ..mining.knn import shard_range
 from ..models import SFRSNet, build_model, load_or_compute_init, sample_local_descriptors, state_fingerprint
 from ..models.netvlad import kmeans_init
-from .passes import eval_mode
 
 log = logging.getLogger(__name__)
 

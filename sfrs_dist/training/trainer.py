@@ -26,6 +26,7 @@ from ..data.transforms import DeviceColorJitter
 from ..evaluation.checkpoints import load_for_eval
 from ..evaluation.pca import PCAWhitening, broadcast_pca
 from ..evaluation.runner import evaluate_splits, flat_metrics, render_examples
+from ..extraction.passes import eval_mode, extract_group, extract_group_local
 from ..losses import sfrs_hard_loss, sfrs_soft_loss, tuple_loss
 from ..mining import (
     COLLAPSE_SIMILARITY,
@@ -48,7 +49,6 @@ from .checkpoint import (
 )
 from .engine import build_engine, lr_at
 from .model_init import build_student
-from .passes import eval_mode, extract_group, extract_group_local
 from .tuples_data import TupleImages, TupleLoader
 
 log = logging.getLogger(__name__)

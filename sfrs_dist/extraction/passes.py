@@ -18,7 +18,7 @@ from ..config import DataConfig
 from ..data.manifest import Manifest
 from ..data.streaming import expected_count, make_pass_loader
 from ..data.transforms import make_transform
-from ..evaluation.extract import extract_descriptors, gather_descriptors
+from .descriptors import extract_descriptors, gather_descriptors
 
 log = logging.getLogger(__name__)
 
