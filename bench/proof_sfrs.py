@@ -35,9 +35,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sfrs_dist.teacher import cache as tc  # noqa: E402
 from sfrs_dist.config import load_config  # noqa: E402
 from sfrs_dist.data.manifest import Manifest  # noqa: E402
+from sfrs_dist.teacher import cache as tc  # noqa: E402
 from sfrs_dist.training.checkpoint import latest_checkpoint  # noqa: E402
 
 ROWS = [("pitts30k_test", "all"), ("tokyo247_test", "all"), ("tokyo247_test", "day"),
