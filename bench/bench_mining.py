@@ -1,39 +1,46 @@
-"""One mining refresh: sharded top-k + sparse re-ranking vs the dense reference pattern.
+"""One mining refresh: descriptors sharded across ranks vs. copied to each vs. the dense reference.
 
-Ours: bf16 kNN graph over all N = Q + G items (symmetric blocks, exact fp32 re-score),
-k-reciprocal re-ranking from the sparse graph, tuple selection for one cache subset with
-dot products of each query against just its positives and negative candidates.
-Reference pattern: dense Q x G distances + full argsort, dense k-reciprocal re-ranking over
-all N items, per-query Python scan of the sorted rows.
+Methods, each in its own processes (peak memory = each process's ru_maxrss):
 
-Each method runs in its own subprocess (peak memory = that process's ru_maxrss), on the
-same clustered synthetic descriptors (place centres + view centres + noise, generated in
-float32 chunks) with synthetic UTMs for the ground truth. Prints times, peak memories and
-the fraction of identical tuples.
+- ``sharded``: ``ShardedItems`` in W gloo processes. Each rank generates only its share of
+  the descriptors (items dealt in shard-sized runs, as the streaming loader splits shards),
+  blocks travel between ranks; kNN graph, re-ranking, tuple selection and the collapse
+  check of one cache subset.
+- ``dense``: ``DenseItems`` in one process, the full (N, d) matrix held (what every rank
+  held before); the baseline the ratios are taken against.
+- ``reference``: the dense reference pattern: dense Q x G distances + full argsort, dense
+  k-reciprocal re-ranking over all N items, per-query Python scan of the sorted rows.
+
+Descriptors: clustered synthetic ones (place centres + view centres + noise, each item
+seeded by its own id, so any rank can generate any share) with synthetic UTMs for the
+ground truth. Prints times, peak memory per rank, identical tuples against the reference
+and the dense store, and the growth of time and memory with N.
 
     python bench/bench_mining.py --scale small
-    python bench/bench_mining.py --scale pitts30k          # ~ a few minutes
-    python bench/bench_mining.py --scale pitts250k         # ours only
+    python bench/bench_mining.py --scale growth            # three sizes, all methods
+    python bench/bench_mining.py --scale pitts30k          # 32768-d, several minutes
+    python bench/bench_mining.py --scale pitts250k         # sharded, 2 ranks; reference memory estimated
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from scipy.spatial import cKDTree
 
 from sfrs_dist.config import MiningConfig
-from sfrs_dist.mining.knn import sharded_topk
 from sfrs_dist.mining.rerank import rerank_dense_reference
+from sfrs_dist.mining.store import DenseItems, ShardedItems
 from sfrs_dist.mining.tuples import (
     NegativeCache,
     TrainingTuple,
@@ -41,17 +48,34 @@ from sfrs_dist.mining.tuples import (
     mine_subset,
     select_difficult_positives,
 )
+from sfrs_dist.precision import search_bf16
+
+log = logging.getLogger("bench_mining")
 
 SCALES = {  # queries, database images, descriptor dim
     "small": (741, 1000, 4096),
     "pitts30k": (7416, 10000, 32768),
     "pitts250k": (7800, 91000, 4096),
 }
+GROWTH = [(850, 1150), (1700, 2300), (3400, 4600)]  # 2k, 4k, 8k items
+GROWTH_DIM = 4096
 PER_PLACE, YAWS, SPACING = 24, 12, 15.0
+SHARD_ITEMS = 500  # items per shard when dealing shares to ranks
 
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return "unknown CPU"
 
 
 def make_layout(nq: int, ng: int, seed: int):
@@ -76,24 +100,31 @@ def make_layout(nq: int, ng: int, seed: int):
             train_pos, non_neg)
 
 
-def make_descriptors(places: np.ndarray, yaws: np.ndarray, n_places: int, dim: int, seed: int,
-                     chunk: int = 512) -> np.ndarray:
-    """L2-normalised ``place + view + noise`` descriptors, built in float32 chunks."""
+def make_descriptors(items: np.ndarray, places: np.ndarray, yaws: np.ndarray, n_places: int, dim: int,
+                     seed: int, chunk: int = 512) -> np.ndarray:
+    """L2-normalised ``place + view + noise`` descriptors of ``items`` (global ids), in float32 chunks.
+
+    Every item is seeded by its id, so a rank generating its share gets the same rows as a
+    process generating all of them.
+    """
     g = np.random.default_rng([seed, 1]).standard_normal((n_places, dim), dtype=np.float32)
-    out = np.empty((len(places), dim), dtype=np.float32)
-    for c0 in range(0, len(places), chunk):
-        for i in range(c0, min(len(places), c0 + chunk)):
+    out = np.empty((len(items), dim), dtype=np.float32)
+    for c0 in range(0, len(items), chunk):
+        for r in range(c0, min(len(items), c0 + chunk)):
+            i = int(items[r])
             view = np.random.default_rng([seed, 2, int(places[i]), int(yaws[i])]).standard_normal(dim, np.float32)
             noise = np.random.default_rng([seed, 3, i]).standard_normal(dim, np.float32)
-            out[i] = g[places[i]] + view + 0.6 * noise
+            out[r] = g[places[i]] + view + 0.6 * noise
         out[c0:c0 + chunk] /= np.linalg.norm(out[c0:c0 + chunk], axis=1, keepdims=True)
     return out
 
 
-def make_problem(nq: int, ng: int, dim: int, seed: int):
-    places, yaws, n_places, train_pos, non_neg = make_layout(nq, ng, seed)
-    feats = make_descriptors(places, yaws, n_places, dim, seed)
-    return feats, train_pos, non_neg
+def rank_items(nq: int, ng: int, rank: int, world: int) -> np.ndarray:
+    """The items of ``rank``: query and database shards of ``SHARD_ITEMS`` dealt round-robin."""
+    starts = list(range(0, nq, SHARD_ITEMS)) + list(range(nq, nq + ng, SHARD_ITEMS))
+    ends = [min(s + SHARD_ITEMS, nq if s < nq else nq + ng) for s in starts]
+    mine = [np.arange(s, e) for k, (s, e) in enumerate(zip(starts, ends)) if k % world == rank]
+    return np.concatenate(mine) if mine else np.zeros(0, np.int64)
 
 
 def subset_and_cache(nq: int, ng: int, train_pos, non_neg, subset: int, num_neg: int, seed: int):
@@ -102,18 +133,24 @@ def subset_and_cache(nq: int, ng: int, train_pos, non_neg, subset: int, num_neg:
     with_pos = np.flatnonzero([len(p) > 0 for p in train_pos])
     ids = rng.permutation(with_pos)[:subset]
     cache = NegativeCache(nq, num_neg)
-    for q in ids:  # a previous epoch's negatives (random true negatives), the same for both methods
+    for q in ids:  # a previous epoch's negatives (random true negatives), the same for every method
         cache.update(int(q), sampler(int(q), rng, num_neg))
     return ids, cache
 
 
-def run_ours(feats, nq, train_pos, non_neg, ids, cache, cfg) -> Tuple[List[TrainingTuple], Dict[str, float]]:
-    sampler = make_negative_sampler(feats.shape[0] - nq, non_neg)
+def mining_config(args) -> MiningConfig:
+    return MiningConfig(bf16_search=search_bf16(args.bf16 if args.bf16 == "auto" else args.bf16 == "true"))
+
+
+def run_ours(items, nq, train_pos, non_neg, ids, cache, cfg) -> Tuple[List[TrainingTuple], Dict[str, float]]:
+    """One refresh as the trainer runs it: ``mine_subset`` (generation >= 1) and the collapse check."""
+    sampler = make_negative_sampler(len(items) - nq, non_neg)
     t0 = time.perf_counter()
-    res = mine_subset(ids, feats, nq, train_pos, sampler, cache, 1, np.random.default_rng(7), cfg)
+    res = mine_subset(ids, items, nq, train_pos, sampler, cache, 1, np.random.default_rng(7), cfg)
+    sim = items.mean_pair_similarity(np.random.default_rng(3), lo=nq)
     total = time.perf_counter() - t0
     return res.tuples, {"total_s": total, "search_s": res.timings.search_s, "rerank_s": res.timings.rerank_s,
-                        "select_s": res.timings.select_s}
+                        "select_s": res.timings.select_s, "mean_sim": sim}
 
 
 def run_reference(feats, nq, train_pos, non_neg, ids, cache, cfg) -> Tuple[List[TrainingTuple], Dict[str, float]]:
@@ -151,81 +188,177 @@ def save_tuples(path: str, tuples: List[TrainingTuple]) -> None:
              d=np.array([",".join(map(str, t.difficult_positives)) for t in tuples]))
 
 
-def child(args) -> None:
-    nq, ng, dim = SCALES[args.scale]
-    dim = args.dim or dim
-    if args.method == "search":
-        feats, _, _ = make_problem(nq, ng, dim, args.seed)
+def _threads(n: int) -> None:
+    import faiss
+    import torch
+
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+
+
+def _sharded_rank(rank: int, world: int, init_file: str, args) -> None:
+    import torch.distributed as dist
+
+    _threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
         base = peak_rss_gib()
-        t0 = time.perf_counter()
-        sharded_topk(feats[nq:], 0, feats[:nq], 21, bf16=True)
-        stats = {"total_s": time.perf_counter() - t0}
-    else:
-        feats, train_pos, non_neg = make_problem(nq, ng, dim, args.seed)
-        cfg = MiningConfig(bf16_search=True)
+        nq, ng, dim = args.nq, args.ng, args.dim
+        places, yaws, n_places, train_pos, non_neg = make_layout(nq, ng, args.seed)
+        mine = rank_items(nq, ng, rank, world)
+        rows = make_descriptors(mine, places, yaws, n_places, dim, args.seed)
+        cfg = mining_config(args)
         ids, cache = subset_and_cache(nq, ng, train_pos, non_neg, args.subset, cfg.num_negatives, args.seed)
+        items = ShardedItems(mine, rows, nq + ng)
+        del rows
+        data = peak_rss_gib()
+        dist.barrier()
+        tuples, stats = run_ours(items, nq, train_pos, non_neg, ids, cache, cfg)
+        stats.update(peak_gib=peak_rss_gib(), data_gib=data, base_gib=base, items=len(mine))
+        with open(f"{args.out}.rank{rank}.json", "w") as f:
+            json.dump(stats, f)
+        if rank == 0:
+            save_tuples(args.out + ".npz", tuples)
+    finally:
+        dist.destroy_process_group()
+
+
+def child(args) -> None:
+    nq, ng, dim = args.nq, args.ng, args.dim
+    if args.method == "sharded":
+        import torch.multiprocessing as mp
+
+        init = args.out + ".init"
+        mp.spawn(_sharded_rank, args=(args.ranks, init, args), nprocs=args.ranks, join=True)
+        ranks = []
+        for r in range(args.ranks):
+            with open(f"{args.out}.rank{r}.json") as f:
+                ranks.append(json.load(f))
+        stats = dict(ranks[0])
+        stats.update(total_s=max(s["total_s"] for s in ranks), peak_gib=max(s["peak_gib"] for s in ranks),
+                     data_gib=max(s["data_gib"] for s in ranks), peak_each=[s["peak_gib"] for s in ranks],
+                     above_each=[s["peak_gib"] - s["base_gib"] for s in ranks])
+    else:
+        _threads(os.cpu_count() or 1)
         base = peak_rss_gib()
-        fn = run_ours if args.method == "ours" else run_reference
-        tuples, stats = fn(feats, nq, train_pos, non_neg, ids, cache, cfg)
+        places, yaws, n_places, train_pos, non_neg = make_layout(nq, ng, args.seed)
+        feats = make_descriptors(np.arange(nq + ng), places, yaws, n_places, dim, args.seed)
+        cfg = mining_config(args)
+        ids, cache = subset_and_cache(nq, ng, train_pos, non_neg, args.subset, cfg.num_negatives, args.seed)
+        data = peak_rss_gib()
+        if args.method == "dense":
+            tuples, stats = run_ours(DenseItems(feats), nq, train_pos, non_neg, ids, cache, cfg)
+        else:
+            tuples, stats = run_reference(feats, nq, train_pos, non_neg, ids, cache, cfg)
         save_tuples(args.out + ".npz", tuples)
-    stats.update(peak_gib=peak_rss_gib(), data_gib=base, dim=dim)
+        stats.update(peak_gib=peak_rss_gib(), data_gib=data, peak_each=[peak_rss_gib()],
+                     above_each=[peak_rss_gib() - base])
     with open(args.out + ".json", "w") as f:
         json.dump(stats, f)
 
 
-def launch(method: str, args, tmp: str, dim: int = 0) -> Tuple[Dict[str, float], str]:
-    out = os.path.join(tmp, method)
-    cmd = [sys.executable, os.path.abspath(__file__), "--scale", args.scale, "--method", method,
-           "--out", out, "--subset", str(args.subset), "--seed", str(args.seed), "--dim", str(dim or args.dim)]
+def launch(method: str, nq: int, ng: int, dim: int, args, tmp: str, ranks: int = 1) -> Tuple[Dict, str]:
+    out = os.path.join(tmp, f"{method}{ranks}_{nq + ng}")
+    cmd = [sys.executable, os.path.abspath(__file__), "--method", method, "--nq", str(nq), "--ng", str(ng),
+           "--dim", str(dim), "--ranks", str(ranks), "--out", out, "--subset", str(args.subset),
+           "--seed", str(args.seed), "--bf16", args.bf16]
+    log.info("running %s (%d rank(s)) at %d items, dim %d", method, ranks, nq + ng, dim)
     subprocess.run(cmd, check=True)
     with open(out + ".json") as f:
         return json.load(f), out + ".npz"
 
 
-def agreement(a: str, b: str) -> Dict[str, float]:
+def agreement(a: str, b: str) -> float:
+    """Fraction of identical whole tuples (positive, negatives, difficult positives)."""
     x, y = np.load(a), np.load(b)
-    same_p = x["p"] == y["p"]
-    same_n = (x["n"] == y["n"]).all(1)
-    same_d = x["d"] == y["d"]
     assert (x["q"] == y["q"]).all()
-    return {"positive": same_p.mean(), "negatives": same_n.mean(), "difficult": same_d.mean(),
-            "whole tuple": (same_p & same_n & same_d).mean()}
+    return float(((x["p"] == y["p"]) & (x["n"] == y["n"]).all(1) & (x["d"] == y["d"])).mean())
 
 
-def main(argv=None) -> None:
+def run_size(nq: int, ng: int, dim: int, args, tmp: str, methods: List[Tuple[str, int]]) -> List[Dict]:
+    rows, files = [], {}
+    for method, ranks in methods:
+        stats, path = launch(method, nq, ng, dim, args, tmp, ranks)
+        files[(method, ranks)] = path
+        rows.append({"method": method, "ranks": ranks, "n": nq + ng, **stats})
+    for r in rows:
+        path = files[(r["method"], r["ranks"])]
+        r["same_ref"] = agreement(path, files[("reference", 1)]) if ("reference", 1) in files else None
+        r["same_dense"] = agreement(path, files[("dense", 1)]) if ("dense", 1) in files else None
+    return rows
+
+
+def print_table(rows: List[Dict], title: str) -> None:
+    print(title)
+    print("peak: ru_maxrss of each rank; above start: peak minus the process's RSS before generating descriptors")
+    print(f"{'method':10s} {'ranks':>5s} {'N':>7s} {'time s':>9s} {'peak GiB/rank':>14s} {'above start':>12s} "
+          f"{'t/dense':>8s} {'mem/dense':>9s} {'same as ref':>11s} {'same as dense':>13s}")
+    dense = {r["n"]: r for r in rows if r["method"] == "dense"}
+    for r in rows:
+        base = dense.get(r["n"])
+        t_ratio = f"{r['total_s'] / base['total_s']:.2f}" if base else "-"
+        m_ratio = f"{max(r['above_each']) / max(base['above_each']):.2f}" if base else "-"
+        same_ref = "-" if r["same_ref"] is None else f"{r['same_ref']:.4f}"
+        same_dense = "-" if r["same_dense"] is None else f"{r['same_dense']:.4f}"
+        peaks = "/".join(f"{p:.2f}" for p in r["peak_each"])
+        above = "/".join(f"{p:.2f}" for p in r["above_each"])
+        print(f"{r['method']:10s} {r['ranks']:5d} {r['n']:7d} {r['total_s']:9.1f} {peaks:>14s} {above:>12s} "
+              f"{t_ratio:>8s} {m_ratio:>9s} {same_ref:>11s} {same_dense:>13s}")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scale", choices=sorted(SCALES), default="small")
+    ap.add_argument("--scale", choices=sorted(SCALES) + ["growth"], default="small")
     ap.add_argument("--subset", type=int, default=1000, help="queries in the cache subset")
     ap.add_argument("--dim", type=int, default=0, help="descriptor dimension (default: the scale's)")
+    ap.add_argument("--ranks", type=int, default=0, help="sharded: largest number of ranks (default 2)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--method", choices=["ours", "reference", "search"], help=argparse.SUPPRESS)
+    ap.add_argument("--bf16", choices=["auto", "true", "false"], default="auto", help="mining.bf16_search")
+    ap.add_argument("--no-reference", action="store_true", help="skip the dense reference pattern")
+    ap.add_argument("--method", choices=["sharded", "dense", "reference"], help=argparse.SUPPRESS)
+    ap.add_argument("--nq", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--ng", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
-    ap.add_argument("--search-dim", type=int, default=32768, help="pitts250k: dimension of the q x db search")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.method:
         child(args)
         return
-    nq, ng, dim = SCALES[args.scale]
-    print(f"scale {args.scale}: {nq} queries x {ng} database, dim {args.dim or dim}, subset {args.subset}")
+    max_ranks = args.ranks or 2
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} cores visible); mining.bf16_search "
+          f"{mining_config(args).bf16_search}; subset {args.subset} queries")
     with tempfile.TemporaryDirectory() as tmp:
-        ours, ours_file = launch("ours", args, tmp)
-        rows = [("ours (sparse)", ours)]
-        if args.scale != "pitts250k":
-            ref, ref_file = launch("reference", args, tmp)
-            rows.append(("reference (dense)", ref))
-        else:
-            search, _ = launch("search", args, tmp, dim=args.search_dim)
-            rows.append((f"ours q x db search only, dim {args.search_dim}", search))
-        for name, s in rows:
-            parts = ", ".join(f"{k} {v:.1f}" for k, v in s.items() if k.endswith("_s") and k != "total_s")
-            print(f"{name:45s} time {s['total_s']:8.1f} s ({parts}); peak {s['peak_gib']:.2f} GiB "
-                  f"(after data {s['data_gib']:.2f} GiB)")
-        if args.scale != "pitts250k":
-            print(f"speed-up {ref['total_s'] / ours['total_s']:.1f}x; peak memory ratio ours/reference "
-                  f"{ours['peak_gib'] / ref['peak_gib']:.2f}; above data "
-                  f"{(ours['peak_gib'] - ours['data_gib']) / max(ref['peak_gib'] - ref['data_gib'], 1e-9):.2f}")
-            agree = agreement(ours_file, ref_file)
-            print("identical tuples: " + ", ".join(f"{k} {v:.4f}" for k, v in agree.items()))
+        if args.scale == "growth":
+            dim = args.dim or GROWTH_DIM
+            rows = []
+            for nq, ng in GROWTH:
+                methods = [("dense", 1)] + [("sharded", w) for w in range(1, max_ranks + 1)]
+                if not args.no_reference:
+                    methods.append(("reference", 1))
+                rows += run_size(nq, ng, dim, args, tmp, methods)
+            print_table(rows, f"growth with N, dim {dim}")
+            for method, ranks in sorted({(r["method"], r["ranks"]) for r in rows}):
+                mine = [r for r in rows if (r["method"], r["ranks"]) == (method, ranks)]
+                grow = ", ".join(f"N {r['n']}: {r['total_s']:.1f} s, {max(r['above_each']):.3f} GiB" for r in mine)
+                print(f"  {method} x{ranks}: {grow}; N x{mine[-1]['n'] / mine[0]['n']:.1f} -> time "
+                      f"x{mine[-1]['total_s'] / mine[0]['total_s']:.1f}, memory above start per rank "
+                      f"x{max(mine[-1]['above_each']) / max(max(mine[0]['above_each']), 1e-3):.1f}")
+            return
+        nq, ng, dim = SCALES[args.scale]
+        dim = args.dim or dim
+        if args.scale == "pitts250k":
+            rows = run_size(nq, ng, dim, args, tmp, [("sharded", max_ranks)])
+            n = nq + ng
+            print_table(rows, f"scale pitts250k: {nq} queries x {ng} database, dim {dim}")
+            print(f"reference pattern (not run): N^2 float32 = {n * n * 4 / 2**30:.1f} GiB per N x N matrix; it holds "
+                  f"the float32 dots and three float64 N x N matrices (distances, V, Jaccard): about "
+                  f"{n * n * (4 + 3 * 8) / 2**30:.0f} GiB")
+            return
+        methods = [("dense", 1)] + [("sharded", w) for w in range(1, max_ranks + 1)]
+        if not args.no_reference:
+            methods.append(("reference", 1))
+        rows = run_size(nq, ng, dim, args, tmp, methods)
+        print_table(rows, f"scale {args.scale}: {nq} queries x {ng} database, dim {dim}")
 
 
 if __name__ == "__main__":

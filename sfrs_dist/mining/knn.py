@@ -26,10 +26,17 @@ among all items, itself included), which the k-reciprocal re-ranking needs over 
 of training queries and database images. Its bf16 path computes each pair of row blocks
 once (the score matrix is symmetric), halving the work, and splits the block pairs across
 ranks.
+
+When the items themselves are sharded across ranks (``store.ShardedItems``), each rank
+searches its own items against one visiting block at a time (``block_candidates``: exact
+faiss or bf16 candidates, a running cut estimate carried from block to block) and the
+candidates are re-scored pair by pair (``pair_inner_products_between``: one faiss dot
+product per pair, the same bits wherever the rows are held).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import List, Optional, Tuple
 
@@ -145,6 +152,12 @@ def pair_inner_products_between(xa: np.ndarray, xb: np.ndarray, a: np.ndarray, b
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _gpu_resources():
+    """One set of faiss GPU resources per process (a block pass builds many indexes)."""
+    return faiss.StandardGpuResources()
+
+
 class _FlatIndex:
     """A faiss flat inner-product index on the local GPU when faiss has GPUs, else on CPU."""
 
@@ -152,7 +165,7 @@ class _FlatIndex:
         self.res = None
         ngpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
         if ngpu > 0:
-            self.res = faiss.StandardGpuResources()
+            self.res = _gpu_resources()
             cfg = faiss.GpuIndexFlatConfig()
             cfg.device = get_local_rank() % ngpu
             self.index = faiss.GpuIndexFlatIP(self.res, d, cfg)

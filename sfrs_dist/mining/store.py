@@ -315,13 +315,19 @@ class ShardedItems:
         """kNN lists and farthest scores of all N items from one block pass. A collective.
 
         Each rank searches its own items against every visiting chunk (``knn.block_candidates``),
-        keeping ``k + margin`` candidates and ``1 + margin`` farthest candidates per item,
-        re-scores them exactly (``pair_products``) and the lists are all-gathered.
+        keeping ``k + margin`` candidates (``k + 2 margin`` with bf16) and ``1 + margin``
+        farthest candidates per item, re-scores them exactly (``pair_products``) and the lists
+        are all-gathered.
+
+        With bf16 the candidates of different chunks are compared by approximate scores whose
+        error grows with the distance to the cut estimate of the moment (``_offset_scores``),
+        poor in the first chunks of the pass (about 1e-3 near 0.45), hence the deeper list:
+        the depth of ``DenseItems`` (``self_topk``'s own margin on top of the store's).
         """
         n = self.n
         if not 0 < k <= n:
             raise ValueError(f"k must lie in [1, {n}] for {n} items, got {k}")
-        kk, fm = min(n, k + margin), min(n, 1 + margin)
+        kk, fm = min(n, k + (2 * margin if bf16 else margin)), min(n, 1 + margin)
         x, m = self.rows, len(self.ids)
         top_s = np.zeros((m, 0), np.float32)
         top_i = np.zeros((m, 0), np.int64)
