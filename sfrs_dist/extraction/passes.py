@@ -54,13 +54,19 @@ def extract_group(
     bf16: bool = False,
 ) -> np.ndarray:
     """Descriptors of every sample of ``<sid>_<role>`` in manifest order, on every rank."""
-    loader = pass_loader(manifest, sid, role, data, kind)
+    keys, descs = _extract_own_share(fn, dim, manifest, sid, role, data, device, kind, bf16)
+    return gather_descriptors(keys, descs, manifest.group_keys(f"{sid}_{role}"))
+
+
+def _extract_own_share(fn, dim: int, manifest: Manifest, sid: str, role: str, data: DataConfig,
+                       device: torch.device, kind: str, bf16: bool):
+    """``(keys, rows)`` this rank's streaming share of ``<sid>_<role>`` gives, in stream order."""
     group = f"{sid}_{role}"
-    keys, descs = extract_descriptors(
-        fn, loader, dim, device, autocast_dtype=torch.bfloat16 if bf16 else None,
+    return extract_descriptors(
+        fn, pass_loader(manifest, sid, role, data, kind), dim, device,
+        autocast_dtype=torch.bfloat16 if bf16 else None,
         total=expected_count(manifest, group, du.get_rank(), du.get_world_size()), desc=f"extract {group}",
     )
-    return gather_descriptors(keys, descs, manifest.group_keys(f"{sid}_{role}"))
 
 
 def extract_group_local(
@@ -81,12 +87,8 @@ def extract_group_local(
     exchange their positions (integers only) and check that every sample of the group was
     extracted exactly once across them.
     """
-    loader = pass_loader(manifest, sid, role, data, kind)
     group = f"{sid}_{role}"
-    keys, descs = extract_descriptors(
-        fn, loader, dim, device, autocast_dtype=torch.bfloat16 if bf16 else None,
-        total=expected_count(manifest, group, du.get_rank(), du.get_world_size()), desc=f"extract {group}",
-    )
+    keys, descs = _extract_own_share(fn, dim, manifest, sid, role, data, device, kind, bf16)
     ordered = manifest.group_keys(group)
     where = {k: i for i, k in enumerate(ordered)}
     known = np.array([k in where for k in keys], dtype=bool)
