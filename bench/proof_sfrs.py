@@ -1,7 +1,7 @@
 """Does SFRS beat its SARE baseline? Recall@1/5 per generation, 3 seeds on each of 2 cities.
 
 Runs the demo job (``configs/demo.yaml``: ImageNet EfficientNet-Lite0 + NetVLAD, generation 0 =
-SARE-ind, then SFRS generations) once per (city, training seed) and prints Recall@1/5, mean
+SARE-ind, then SFRS generations; with PCA-whitening to 256-d, which the demo leaves out for time) once per (city, training seed) and prints Recall@1/5, mean
 and standard deviation over the seeds, per city and over both, on the Pittsburgh-style test
 split and the Tokyo-style queries by light condition. The ``off`` column is the untrained
 network (backbone ImageNet weights + NetVLAD k-means init), tested before any step
@@ -48,7 +48,7 @@ def run_seed(seed: int, nproc: int, shards: Path, out: Path, extra) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "demo.yaml"),
            "--set", f"data.shards={shards}", "--set", f"run.out_dir={out}", "--set", f"train.seed={seed}",
-           "--set", "eval.test_untrained=true", "--set", f"tracking.run_name=proof-{out.parent.name}-seed{seed}",
+           "--set", "eval.test_untrained=true", "--set", "eval.pca_dim=256", "--set", "eval.pca_samples=2000", "--set", f"tracking.run_name=proof-{out.parent.name}-seed{seed}",
            *extra]
     subprocess.run(cmd, check=True, cwd=REPO)
     ck = torch.load(latest_checkpoint(out / "checkpoints"), map_location="cpu", weights_only=False)
