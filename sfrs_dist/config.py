@@ -50,7 +50,11 @@ class DataConfig:
     image_size: List[int] = field(default_factory=lambda: [480, 640])
     """Input height and width in pixels."""
     aspect_preserving: List[str] = field(default_factory=lambda: ["tokyo247"])
-    """Datasets whose test images are resized keeping their aspect ratio."""
+    """Datasets whose test queries are resized keeping their aspect ratio (data.aspect_resize)."""
+    aspect_resize: str = "short_side"
+    """How those queries are resized: short_side (the reference's: the shorter side becomes
+    max(image_size), a 4:3 query 640x853 at 480x640) or fit_box (scaled into the image_size box
+    turned like the image, a 4:3 query 480x640; not comparable with published numbers)."""
     num_workers: int = 2
     """DataLoader workers per rank of the streaming passes (extraction, teacher, evaluation)."""
     train_workers: Optional[int] = None
@@ -73,6 +77,8 @@ class DataConfig:
         _check(self.train_workers is None or self.train_workers >= 0,
                f"data.train_workers must be >= 0 or null, got {self.train_workers}")
         _check(self.extract_batch_size > 0, "data.extract_batch_size must be > 0")
+        _check(self.aspect_resize in ("short_side", "fit_box"),
+               f"data.aspect_resize must be short_side or fit_box, got {self.aspect_resize!r}")
         _check(len(self.color_jitter) == 4 and all(v >= 0 for v in self.color_jitter)
                and self.color_jitter[3] <= 0.5,
                f"data.color_jitter must be [brightness, contrast, saturation, hue] >= 0 with hue <= 0.5, "

@@ -244,14 +244,31 @@ def test_transforms():
     torch.manual_seed(0)
     jittered = make_transform("train", 12, 20)(img)
     assert not torch.allclose(jittered, t)  # colour jitter changes the colours
-    # Tokyo: box turned like the image, aspect kept
+    # Tokyo fit_box: box turned like the image, aspect kept
     assert aspect_fit_size(480, 640, 480, 640) == (480, 640)
     assert aspect_fit_size(1080, 1920, 480, 640) == (360, 640)
     assert aspect_fit_size(2448, 1836, 480, 640) == (640, 480)
     portrait = Image.fromarray(np.zeros((200, 150, 3), dtype=np.uint8))
-    assert make_transform("tokyo", 480, 640)(portrait).shape == (3, 640, 480)
+    assert make_transform("tokyo", 480, 640, "fit_box")(portrait).shape == (3, 640, 480)
     with pytest.raises(ValueError, match="kind"):
         make_transform("nope", 1, 1)
+    with pytest.raises(ValueError, match="short_side"):
+        make_transform("tokyo", 480, 640, "longest")
+
+
+@pytest.mark.parametrize("hw, short_side, fit_box", [
+    ((480, 640), (640, 853), (480, 640)),     # a 4:3 query (Tokyo 24/7's phones)
+    ((1080, 1920), (640, 1137), (360, 640)),  # a 16:9 query: 0.56x the reference's scale under fit_box
+    ((1836, 2448), (640, 853), (480, 640)),   # 4:3, larger than the box
+    ((640, 480), (853, 640), (640, 480)),     # portrait 3:4
+])
+def test_tokyo_query_sizes_follow_the_reference(hw, short_side, fit_box):
+    """The default rule is the reference's ``Resize(max(H, W))``: the shorter side becomes 640 at
+    480x640; ``fit_box`` scales the longer side to 640 instead."""
+    img = Image.fromarray(np.zeros((*hw, 3), dtype=np.uint8))
+    assert tuple(make_transform("tokyo", 480, 640)(img).shape[1:]) == short_side
+    assert tuple(make_transform("tokyo", 480, 640, "short_side")(img).shape[1:]) == short_side
+    assert tuple(make_transform("tokyo", 480, 640, "fit_box")(img).shape[1:]) == fit_box
 
 
 def test_synthetic_end_to_end(synthetic_raw, synthetic_shards):
@@ -270,4 +287,4 @@ def test_synthetic_end_to_end(synthetic_raw, synthetic_shards):
     items = list(make_pass_dataset(m, q, make_transform("tokyo", 48, 64), 0, 1))
     assert [x["key"] for x in items] == m.group_keys(q)
     for x in items:
-        assert max(x["image"].shape[1:]) == 64
+        assert min(x["image"].shape[1:]) == 64  # the reference's rule: shorter side = max(H, W)

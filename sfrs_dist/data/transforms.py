@@ -3,11 +3,18 @@
 - training: colour jitter (brightness 0.7, contrast 0.7, saturation 0.7, hue 0.5), resize to
   ``height x width``, tensor, NetVLAD normalisation;
 - test: resize to ``height x width``, tensor, normalisation;
-- Tokyo 24/7: aspect-preserving resize instead. The configured box is turned like the image
-  (landscape box for landscape images, portrait box for portrait ones) and the image is scaled
-  so its long side fits the box's long side and its short side the box's short side, i.e.
-  by ``min(long_box / long_img, short_box / short_img)``; a 4:3 landscape photo becomes
-  exactly 480x640 at the default size, a 16:9 one 360x640, a 3:4 portrait one 640x480.
+- Tokyo 24/7 queries: aspect-preserving resize instead, by one of two rules
+  (``data.aspect_resize``):
+
+  * ``short_side`` (default, the reference's ``Resize(max(height, width))``): the image's
+    *shorter* side becomes ``max(height, width)`` and the longer one follows
+    (torchvision's rounding down); at the default 480x640 a 4:3 query becomes 640x853, a
+    16:9 one 640x1137, a 3:4 portrait one 853x640: larger than the 480x640 database images,
+    as the published Tokyo numbers were computed;
+  * ``fit_box``: the configured box is turned like the image and the image scaled into it,
+    by ``min(long_box / long_img, short_box / short_img)``; a 4:3 query becomes 480x640, a
+    16:9 one 360x640, a 3:4 one 640x480 (not comparable with published numbers).
+
   Images in a batch can then differ in size (evaluate Tokyo queries with batch size 1).
 
 With ``data.jitter_on_device`` the training loader stops after the resize (``uint8`` tensors,
@@ -33,6 +40,7 @@ MEAN = (0.485, 0.458, 0.408)
 STD = (1.0 / 255.0,) * 3
 JITTER = (0.7, 0.7, 0.7, 0.5)
 KINDS = ("train", "test", "tokyo")
+ASPECT_RULES = ("short_side", "fit_box")
 
 
 def normalize() -> T.Normalize:
@@ -108,19 +116,26 @@ def eval_transform(height: int, width: int) -> T.Compose:
     return T.Compose([T.Resize((height, width)), T.ToTensor(), normalize()])
 
 
-def tokyo_transform(height: int, width: int) -> T.Compose:
-    """Aspect-preserving resize (see module docstring), tensor, normalise."""
-    return T.Compose([AspectFitResize(height, width), T.ToTensor(), normalize()])
+def tokyo_transform(height: int, width: int, rule: str = "short_side") -> T.Compose:
+    """Aspect-preserving resize by ``rule`` (see module docstring), tensor, normalise."""
+    if rule == "short_side":
+        resize = T.Resize(max(int(height), int(width)))  # an int: the shorter side gets it
+    elif rule == "fit_box":
+        resize = AspectFitResize(height, width)
+    else:
+        raise ValueError(f"aspect-preserving resize rule must be one of {ASPECT_RULES}, got {rule!r}")
+    return T.Compose([resize, T.ToTensor(), normalize()])
 
 
-def make_transform(kind: str, height: int, width: int) -> Callable[[Image.Image], torch.Tensor]:
-    """``train``, ``test`` or ``tokyo`` transform for the configured size."""
+def make_transform(kind: str, height: int, width: int,
+                   aspect_rule: str = "short_side") -> Callable[[Image.Image], torch.Tensor]:
+    """``train``, ``test`` or ``tokyo`` (aspect-preserving, by ``aspect_rule``) transform."""
     if kind == "train":
         return train_transform(height, width)
     if kind == "test":
         return eval_transform(height, width)
     if kind == "tokyo":
-        return tokyo_transform(height, width)
+        return tokyo_transform(height, width, aspect_rule)
     raise ValueError(f"transform kind must be one of {KINDS}, got {kind!r}")
 
 

@@ -38,7 +38,7 @@ def pass_loader(manifest: Manifest, sid: str, role: str, data: DataConfig, kind:
     h, w = (int(v) for v in data.image_size)
     bs = 1 if kind == "tokyo" else data.extract_batch_size
     workers = data.num_workers if num_workers is None else num_workers
-    return make_pass_loader(manifest, f"{sid}_{role}", make_transform(kind, h, w), batch_size=bs,
+    return make_pass_loader(manifest, f"{sid}_{role}", make_transform(kind, h, w, data.aspect_resize), batch_size=bs,
                             num_workers=workers)
 
 
