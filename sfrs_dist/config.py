@@ -111,6 +111,10 @@ class ModelConfig:
     """Recompute backbone activations in the backward pass to save memory."""
     freeze_batchnorm: bool = False
     """Fix every backbone batch norm (statistics and affine), trainable layers included."""
+    netvlad_init: Optional[str] = None
+    """NetVLAD centroid file of the NetVLAD authors (HDF5 datasets ``centroids`` K x D and
+    ``descriptors`` N x D, e.g. vgg16_pitts_64_desc_cen.hdf5), as the reference recommends.
+    null: k-means++ and k-means over every sampled descriptor (model.init_descriptors)."""
 
     def __post_init__(self) -> None:
         backbones = ("vgg16", "resnet18", "resnet50", "smallcnn",

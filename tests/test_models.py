@@ -6,6 +6,7 @@ import math
 import os
 import re
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -17,11 +18,15 @@ from sfrs_dist.models import (
     NetVLAD,
     NetVLADInit,
     SFRSNet,
+    alpha_from_centroids,
     build_backbone,
     build_model,
     global_region_similarity,
     init_netvlad_from_descriptors,
+    kmeans_init,
+    kmeans_pp_seeds,
     load_or_compute_init,
+    read_centroid_file,
     region_similarity,
     sample_local_descriptors,
     state_fingerprint,
@@ -402,3 +407,53 @@ def test_autocast_bfloat16_keeps_float32_descriptors():
     cos = (out * ref).sum(-1)
     assert cos.min() > 0.99
     torch.testing.assert_close(glob, out[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_kmeans_uses_every_descriptor_and_kmeanspp_seeds():
+    """The centroids are a fixed point of Lloyd's step over *all* descriptors (each centroid the
+    mean of the descriptors nearest to it). faiss's default (256 points per centroid) breaks
+    this: the same call with that cap is shown to miss it, so the check can fail."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 8)).astype(np.float32) * 4
+    x = (centres[np.arange(8000) % 4] + rng.normal(size=(8000, 8))).astype(np.float32)
+    init = kmeans_init(torch.from_numpy(x), 4, seed=0)
+
+    def lloyd_gap(c: np.ndarray) -> float:
+        assign = ((x[:, None, :] - c[None]) ** 2).sum(-1).argmin(1)
+        return float(max(np.abs(x[assign == k].mean(0) - c[k]).max() for k in range(4)))
+
+    assert lloyd_gap(init.centroids.numpy()) < 1e-3
+    capped = faiss.Kmeans(8, 4, niter=100, seed=0, max_points_per_centroid=256)
+    capped.train(x, init_centroids=kmeans_pp_seeds(x, 4, 0))
+    assert lloyd_gap(np.asarray(capped.centroids)) > 3e-3  # a subsample's means are off by ~1/16
+    # k-means++ seeds: rows of x, one in each of four far-apart tight blobs
+    tight = (centres[np.arange(400) % 4] * 10 + 0.01 * rng.normal(size=(400, 8))).astype(np.float32)
+    for seed in range(5):
+        seeds = kmeans_pp_seeds(tight, 4, seed)
+        rows = [int(np.flatnonzero((tight == s).all(1))[0]) for s in seeds]
+        assert sorted(r % 4 for r in rows) == [0, 1, 2, 3]
+
+
+def test_centroid_file_as_the_netvlad_authors_write_it(tmp_path):
+    import h5py
+
+    rng = np.random.default_rng(1)
+    cen = rng.normal(size=(4, 8)).astype(np.float32)
+    descs = rng.normal(size=(50, 8)).astype(np.float32)
+    descs /= np.linalg.norm(descs, axis=1, keepdims=True)
+    good = tmp_path / "vgg16_pitts_4_desc_cen.hdf5"
+    with h5py.File(good, "w") as h5:
+        h5.create_dataset("centroids", data=cen)
+        h5.create_dataset("descriptors", data=descs)
+    init = read_centroid_file(str(good), 4, 8)
+    torch.testing.assert_close(init.centroids, torch.from_numpy(cen))
+    assert init.alpha == pytest.approx(alpha_from_centroids(torch.from_numpy(descs), torch.from_numpy(cen)))
+    with pytest.raises(ValueError, match=r"centroids.*\(4, 8\).*\(8, 8\)"):
+        read_centroid_file(str(good), 8, 8)
+    missing = tmp_path / "no_descriptors.hdf5"
+    with h5py.File(missing, "w") as h5:
+        h5.create_dataset("centroids", data=cen)
+    with pytest.raises(ValueError, match="no_descriptors.hdf5 has no dataset 'descriptors'"):
+        read_centroid_file(str(missing), 4, 8)
+    with pytest.raises(ValueError, match="no such file"):
+        read_centroid_file(str(tmp_path / "absent.hdf5"), 4, 8)

@@ -8,7 +8,8 @@ The layer follows the NetVLAD convention used by OpenIBL checkpoints:
 - residual sums ``V_k = sum_n a_k(n) (x_n - c_k)`` with centroids ``centroids`` (K x D);
 - descriptor: intra-normalise each ``V_k``, flatten, L2-normalise (K*D values).
 
-Initialisation: k-means on sampled L2-normalised local descriptors gives centroids ``c_k``;
+Initialisation: k-means (k-means++ seeds, every sampled descriptor) on sampled L2-normalised
+local descriptors gives centroids ``c_k``, or the NetVLAD authors' HDF5 file supplies them;
 ``conv.weight = alpha * c_k / ||c_k||`` with
 ``alpha = -log(0.01) / mean(top1 - top2 dot-product gap)`` between each descriptor and the
 normalised centroids.
@@ -170,19 +171,79 @@ def sample_local_descriptors(
     return torch.cat(out, dim=0).contiguous()
 
 
+def kmeans_pp_seeds(x: np.ndarray, num_clusters: int, seed: int = 0) -> np.ndarray:
+    """k-means++ seeding (Arthur & Vassilvitskii): the first centre drawn uniformly, each next
+    one with probability proportional to the squared distance to the nearest centre so far.
+
+    ``x`` (N x D) float32; returns (K x D) float32 rows of ``x``.
+    """
+    n = x.shape[0]
+    rng = np.random.default_rng(seed)
+    centres = np.empty((num_clusters, x.shape[1]), dtype=np.float32)
+    centres[0] = x[int(rng.integers(n))]
+    sq_norms = np.einsum("nd,nd->n", x, x)
+    nearest = np.maximum(sq_norms - 2.0 * (x @ centres[0]) + float(centres[0] @ centres[0]), 0.0)
+    for k in range(1, num_clusters):
+        total = float(nearest.sum())
+        idx = int(rng.choice(n, p=nearest / total)) if total > 0 else int(rng.integers(n))
+        centres[k] = x[idx]
+        d = np.maximum(sq_norms - 2.0 * (x @ centres[k]) + float(centres[k] @ centres[k]), 0.0)
+        np.minimum(nearest, d, out=nearest)
+    return centres
+
+
 def kmeans_init(descs: torch.Tensor, num_clusters: int = 64, seed: int = 0, niter: int = 100) -> NetVLADInit:
-    """k-means (faiss) centroids of ``descs`` (N x D) and the NetVLAD alpha."""
+    """k-means centroids of ``descs`` (N x D) and the NetVLAD alpha.
+
+    As the reference (scikit-learn ``KMeans(max_iter=100)``): k-means++ seeds, then Lloyd
+    iterations (faiss) over *every* descriptor (faiss would otherwise subsample to 256 per
+    centroid).
+    """
     if descs.dim() != 2:
         raise ValueError(f"descriptors must be an (N, D) matrix; got shape {tuple(descs.shape)}")
     n, d = descs.shape
     if n < num_clusters:
         raise ValueError(f"k-means with {num_clusters} clusters needs at least {num_clusters} descriptors; got {n}")
     x = np.ascontiguousarray(descs.detach().float().cpu().numpy())
-    km = faiss.Kmeans(d, num_clusters, niter=niter, seed=seed, verbose=False, min_points_per_centroid=1)
-    km.train(x)
+    km = faiss.Kmeans(d, num_clusters, niter=niter, seed=seed, verbose=False, min_points_per_centroid=1,
+                      max_points_per_centroid=int(math.ceil(n / num_clusters)) + 1)
+    km.train(x, init_centroids=kmeans_pp_seeds(x, num_clusters, seed))
     centroids = torch.from_numpy(np.array(km.centroids, dtype=np.float32).reshape(num_clusters, d))
     alpha = alpha_from_centroids(descs.float().cpu(), centroids)
     return NetVLADInit(centroids=centroids, alpha=alpha)
+
+
+def read_centroid_file(path: str, num_clusters: int, dim: int) -> NetVLADInit:
+    """The NetVLAD authors' initialisation file (e.g. ``vgg16_pitts_64_desc_cen.hdf5``).
+
+    HDF5 datasets ``centroids`` (K x D) and ``descriptors`` (N x D, the sampled local
+    descriptors alpha is computed from), as the reference reads it. Raises ``ValueError``
+    naming the file and the dataset when one is missing or has the wrong shape.
+    """
+    import h5py
+
+    if not os.path.isfile(path):
+        raise ValueError(f"model.netvlad_init: no such file: {path}")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as exc:
+        raise ValueError(f"model.netvlad_init: {path} is not a readable HDF5 file ({exc})") from None
+    with h5:
+        arrays = {}
+        for name in ("centroids", "descriptors"):
+            if name not in h5:
+                raise ValueError(f"model.netvlad_init: {path} has no dataset '{name}' (it holds: "
+                                 f"{', '.join(sorted(h5.keys())) or 'nothing'})")
+            arrays[name] = np.asarray(h5[name][...], dtype=np.float32)
+    cen, desc = arrays["centroids"], arrays["descriptors"]
+    if cen.shape != (num_clusters, dim):
+        raise ValueError(f"model.netvlad_init: {path} dataset 'centroids' has shape {cen.shape}; this network "
+                         f"needs ({num_clusters}, {dim}) (model.num_clusters x the backbone's channels)")
+    if desc.ndim != 2 or desc.shape[1] != dim or desc.shape[0] < 2:
+        raise ValueError(f"model.netvlad_init: {path} dataset 'descriptors' has shape {desc.shape}; expected "
+                         f"(N >= 2, {dim})")
+    centroids = torch.from_numpy(cen)
+    return NetVLADInit(centroids=centroids, alpha=alpha_from_centroids(torch.from_numpy(desc), centroids))
 
 
 def alpha_from_centroids(descs: torch.Tensor, centroids: torch.Tensor) -> float:

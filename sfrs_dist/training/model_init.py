@@ -16,7 +16,14 @@ from ..data.random_access import ShardReader
 from ..data.transforms import make_transform
 from ..extraction.passes import eval_mode
 from ..mining.knn import shard_range
-from ..models import SFRSNet, build_model, load_or_compute_init, sample_local_descriptors, state_fingerprint
+from ..models import (
+    SFRSNet,
+    build_model,
+    load_or_compute_init,
+    read_centroid_file,
+    sample_local_descriptors,
+    state_fingerprint,
+)
 from ..models.netvlad import kmeans_init
 
 log = logging.getLogger(__name__)
@@ -58,7 +65,8 @@ def _sample_descriptors(net: SFRSNet, cfg: Config, manifest: Manifest, sid: str,
 def build_student(cfg: Config, manifest: Manifest, sid: str, cache_dir: Path, device: torch.device) -> SFRSNet:
     """A freshly initialised network: seeded backbone (or its weights file) and cached NetVLAD init.
 
-    The init is computed once (descriptors sampled on every rank and gathered, k-means on
+    With ``model.netvlad_init`` the centroids come from that file. Otherwise the init is
+    computed once (descriptors sampled on every rank and gathered, k-means++ and k-means on
     rank 0), stored under ``cache_dir`` keyed by the backbone weights, data and K, and
     reused by every later generation and restart.
     """
@@ -67,9 +75,14 @@ def build_student(cfg: Config, manifest: Manifest, sid: str, cache_dir: Path, de
     net = build_model(m.backbone, weights=m.weights, num_clusters=m.num_clusters, trainable=m.trainable,
                       layer=m.layer, checkpointing=m.grad_checkpointing, input_norm=m.input_norm,
                       freeze_batchnorm=m.freeze_batchnorm).to(device)
+    if m.netvlad_init:
+        init = read_centroid_file(m.netvlad_init, m.num_clusters, net.netvlad.dim)  # every rank: errors everywhere
+        log.info("NetVLAD init: centroids from %s (alpha %.3f)", m.netvlad_init, init.alpha)
+        net.netvlad.apply_init(init)
+        return net
     fingerprint = state_fingerprint(net.backbone, m.num_clusters, cfg.train.seed, manifest.source,
                                     sid, tuple(cfg.data.image_size), m.init_descriptors, m.init_images,
-                                    "random queries+database", net.input_adapter.mode)
+                                    "random queries+database", net.input_adapter.mode, "kmeans++ all")
     path = Path(cache_dir) / f"netvlad_init_{fingerprint[:16]}.pt"
     descs = None
     if du.broadcast_object(not path.is_file()):  # rank 0 decides: the cache may live on its node only
@@ -80,5 +93,8 @@ def build_student(cfg: Config, manifest: Manifest, sid: str, cache_dir: Path, de
         init = load_or_compute_init(str(path), lambda: kmeans_init(descs, m.num_clusters, seed=cfg.train.seed),
                                     fingerprint)
     init = du.broadcast_object(init)
+    log.info("NetVLAD init: k-means++ seeds + k-means over every sampled descriptor (%s; %d images, up to %d "
+             "descriptors), alpha %.3f", "computed" if descs is not None else f"cached in {path.name}",
+             m.init_images, m.init_descriptors, init.alpha)
     net.netvlad.apply_init(init)
     return net
