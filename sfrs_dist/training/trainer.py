@@ -35,6 +35,7 @@ from ..mining import (
     make_negative_sampler,
     mine_subset,
 )
+from ..models import weights_info
 from ..precision import PrecisionChoice, is_resolved, log_choice, resolve_config
 from ..progress import Progress
 from ..teacher import run_teacher_pass
@@ -126,7 +127,12 @@ class Trainer:
             if "negatives" in ckpt:
                 self.neg_cache = NegativeCache.from_state_dict(ckpt["negatives"])
             log.info("resuming from %s at %s", resume, self.state)
-        self.tracker.start_job(cfg.tracking.run_name or self.run_dir.name, {**cfg.flat(), **self.precision.params()},
+        m = cfg.model
+        info = weights_info(m.backbone, m.weights, m.input_norm)
+        weights = {"model.weights_source": info["weights_source"], "model.input_norm_resolved": info["input_norm"]}
+        log.info("backbone %s: weights %s; input %s", m.backbone, info["weights_source"], info["input_norm"])
+        self.tracker.start_job(cfg.tracking.run_name or self.run_dir.name,
+                               {**cfg.flat(), **self.precision.params(), **weights},
                                {"git_commit": git_commit(), "world_size": str(self.world)})
         self.tracker.log_artifact(self.run_dir / "config.yaml")
         try:
