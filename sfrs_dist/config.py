@@ -216,6 +216,11 @@ class TrainConfig:
     """Optimiser steps between metric logs."""
     max_steps_per_epoch: int = 0
     """Cap on optimiser steps per epoch (0: no cap; for smoke runs)."""
+    teacher: str = "cached"
+    """Soft labels of generations >= 1: cached (one teacher pass per generation on un-augmented
+    images, cached on disk; training steps never run the teacher) or online (the reference's: the
+    teacher forwarded in every step, under no_grad, on the same colour-jittered tensors as the
+    student; no cache written)."""
 
     def __post_init__(self) -> None:
         _check(self.generations >= 1, "train.generations must be >= 1")
@@ -226,6 +231,7 @@ class TrainConfig:
         _check(self.precision in ("fp32", "bf16", "fp16", "auto"),
                f"train.precision must be fp32, bf16, fp16 or auto, got {self.precision!r}")
         _check(self.lr > 0, "train.lr must be > 0")
+        _check(self.teacher in ("cached", "online"), f"train.teacher must be cached or online, got {self.teacher!r}")
 
 
 @dataclass

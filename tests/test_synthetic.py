@@ -302,3 +302,19 @@ def test_project_reader_reads_the_synthetic_city(tiny):
     tokyo = next(s for s in splits if s.name == "tokyo247")
     assert all(Path(r.file).suffix == ".png" and Path(r.file).is_file() for r in tokyo.database)
     assert {r.condition for r in tokyo.queries} == set(syn.CONDITIONS)
+
+
+def test_validation_queries_take_their_own_light_mix():
+    """The demo city's validation queries are mostly at sunset (a harder split that can rank
+    networks); the training and test splits keep the preset's mix."""
+    from sfrs_dist.data.synthetic import plan_pittsburgh, resolve_config
+
+    cfg = resolve_config("tiny", pitts_query_positions=30, val_query_conditions=(0.0, 1.0, 0.0))
+    _, splits, _ = plan_pittsburgh(np.random.default_rng(0), cfg)
+    assert set(splits["val"]["q_conditions"]) == {"sunset"}
+    assert {"day"} <= set(splits["test"]["q_conditions"]) <= {"day", "sunset"}
+    assert splits["train"]["q_conditions"].count("day") > splits["train"]["q_conditions"].count("sunset")
+    demo = resolve_config("demo")
+    assert demo.val_query_conditions is not None and demo.val_query_conditions[1] > demo.pitts_query_conditions[1]
+    with pytest.raises(ValueError, match="val_query_conditions"):
+        resolve_config("tiny", val_query_conditions=(1.0, -1.0, 0.0))

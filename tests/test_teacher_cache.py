@@ -90,3 +90,66 @@ def test_soft_label_entropy_from_uniform_to_peaked():
     assert tc.soft_label_entropy(cache, tau=1.0)[1] > ent[1]
     with pytest.raises(ValueError, match="tau"):
         tc.soft_label_entropy(cache, tau=0.0)
+
+
+def test_cached_similarities_are_the_teacher_checkpoints_and_follow_it(synthetic_shards, tmp_path, caplog):
+    """Guards what the teacher pass caches: for a few (query, positive) pairs, the similarities
+    recomputed from the teacher checkpoint (its network built anew, both images read and forwarded
+    one at a time) equal the cached ones; a changed checkpoint gets a new teacher pass and other
+    values, the same one is reused. Caching another network's or another image's similarities, or
+    keying the cache without the checkpoint, made this fail."""
+    import logging
+    from pathlib import Path
+
+    import torch
+
+    from sfrs_dist.checkpoint_io import atomic_torch_save
+    from sfrs_dist.config import load_config
+    from sfrs_dist.data.manifest import Manifest
+    from sfrs_dist.data.random_access import ShardReader
+    from sfrs_dist.data.transforms import make_transform
+    from sfrs_dist.models import build_model
+    from sfrs_dist.teacher import run_teacher_pass
+    from sfrs_dist.training.trainer import TrainSplit
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml",
+                      [f"data.shards={synthetic_shards}"])
+    manifest = Manifest.load(synthetic_shards)
+    split = TrainSplit.from_manifest(manifest, cfg.data.train_set)
+    m = cfg.model
+    torch.manual_seed(0)
+    net = build_model(m.backbone, num_clusters=m.num_clusters)
+    with torch.no_grad():  # random NetVLAD parameters: similarities that differ from pair to pair
+        for p in net.netvlad.parameters():
+            p.normal_()
+    ckpt = tmp_path / "generation00_final.pt"
+    atomic_torch_save({"model": net.state_dict(), "config": cfg.to_dict()}, ckpt)
+    cache, key = run_teacher_pass(cfg, manifest, split.train_pos, ckpt, tmp_path / "cache", torch.device("cpu"))
+
+    teacher = build_model(m.backbone, num_clusters=m.num_clusters)
+    teacher.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["model"])
+    teacher.eval()
+    reader = ShardReader(synthetic_shards, manifest)
+    transform = make_transform("test", *cfg.data.image_size)
+    pairs = [(q, int(p[0])) for q, p in enumerate(split.train_pos) if len(p)][:4]
+    assert len(pairs) == 4
+    with torch.no_grad():
+        for q, j in pairs:
+            qi = transform(reader.get(split.q_keys[q])[0]).unsqueeze(0)
+            dj = transform(reader.get(split.db_keys[j])[0]).unsqueeze(0)
+            want = torch.einsum("d,rd->r", teacher(qi, regions=True)[0, 0], teacher(dj, regions=True)[0]).numpy()
+            np.testing.assert_allclose(cache.lookup(q, [j])[0], want, rtol=1e-4, atol=1e-5)
+
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    atomic_torch_save({"model": net.state_dict(), "config": cfg.to_dict()}, ckpt)
+    with caplog.at_level(logging.INFO):
+        changed, key2 = run_teacher_pass(cfg, manifest, split.train_pos, ckpt, tmp_path / "cache", torch.device("cpu"))
+    assert key2 != key and "teacher pass skipped" not in caplog.text
+    q, j = pairs[0]
+    assert not np.allclose(changed.lookup(q, [j]), cache.lookup(q, [j]))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        _, key3 = run_teacher_pass(cfg, manifest, split.train_pos, ckpt, tmp_path / "cache", torch.device("cpu"))
+    assert key3 == key2 and "teacher pass skipped" in caplog.text

@@ -217,3 +217,28 @@ def test_bad_config_stops_every_rank_with_one_message(tmp_path):
     assert text.count("config error:") == 1
     assert "train.engine must be ddp or deepspeed, got 'horovod'" in text
     assert not out.exists()  # no work started
+
+
+def test_online_teacher_under_deepspeed_writes_no_cache_and_resumes_exactly(ddp_job, synthetic_shards, tmp_path):
+    """train.teacher=online: the teacher runs inside the steps (soft loss logged, no teacher pass, no
+    cache file) under the DeepSpeed engine; resumed from a mid-generation-1 checkpoint, it ends with
+    the same weights."""
+    out = tmp_path / "run"
+    args = overrides(synthetic_shards, out, "train.teacher=online", "train.engine=deepspeed", "train.zero_stage=1",
+                     "train.precision=fp32", "eval.pca_dim=0")
+    run(torchrun(args, extra=["--standalone"]), tmp_path / "log")
+    ck = final_state(out)
+    assert ck["state"]["generation"] == 2
+    assert not list((out / "cache").glob("teacher_*")), "the online teacher writes no cache"
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("sfrs").experiment_id])
+    gen1 = next(r for r in runs if r.data.tags.get("generation") == "1")
+    assert gen1.data.metrics["loss_soft"] > 0 and "teacher_pass_s" not in gen1.data.metrics
+    assert gen1.data.tags["teacher_checkpoint"] == "online generation00_final.pt"
+    ckpts = out / "checkpoints"
+    final = _fp32_weights(ckpts / "generation01_final.pt")
+    mid = max(ckpts.glob("ckpt_g01_e000_s*.pt"))
+    run(torchrun(args + ["--set", f"run.resume={mid}"], extra=["--standalone"]), tmp_path / "log2")
+    assert "resuming from" in (tmp_path / "log2").read_text()
+    again = _fp32_weights(ckpts / "generation01_final.pt")
+    assert all(torch.equal(again[k], final[k]) for k in final)

@@ -30,4 +30,8 @@ def generation_table(history: Dict[int, Dict], ns: Sequence[int] = (1, 5, 10),
     if selected:
         lines.append(f"sel = generation {selected['generation']}'s best network by validation Recall@5 "
                      f"({100.0 * selected['val_recall5']:.1f}), the reference's reported choice")
+        tied = selected.get("tied_with") or []
+        if tied:
+            lines.append(f"      decided by a tie: generation(s) {', '.join(str(g) for g in tied)} reached the same "
+                         "validation Recall@5; the earliest is taken, as the reference does")
     return "\n".join(lines)

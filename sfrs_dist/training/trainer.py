@@ -2,7 +2,8 @@
 
 Per generation the student is re-initialised (backbone weights + cached NetVLAD init);
 from generation 1 on the previous generation's final network is the teacher, whose soft
-labels come from a cached teacher pass. Per cache subset, descriptors of every training
+labels come from a cached teacher pass (``train.teacher: cached``) or from the teacher run on
+each batch's own images (``online``, the reference's way). Per cache subset, descriptors of every training
 query and database image are re-extracted across ranks and tuples are mined; each rank then
 trains on its share of the subset's tuples. A checkpoint is written after every subset.
 """
@@ -27,7 +28,6 @@ from ..evaluation.checkpoints import load_for_eval
 from ..evaluation.pca import PCAWhitening, broadcast_pca
 from ..evaluation.runner import evaluate_splits, flat_metrics, render_examples
 from ..extraction.passes import eval_mode, extract_group, extract_group_local
-from ..losses import sfrs_hard_loss, sfrs_soft_loss, tuple_loss
 from ..mining import (
     COLLAPSE_SIMILARITY,
     NegativeCache,
@@ -38,7 +38,7 @@ from ..mining import (
 from ..models import weights_info
 from ..precision import PrecisionChoice, is_resolved, log_choice, resolve_config
 from ..progress import Progress
-from ..teacher import run_teacher_pass
+from ..teacher import load_network, run_teacher_pass
 from ..tracking import Tracker, build_tracker, git_commit
 from .checkpoint import (
     TrainState,
@@ -48,8 +48,9 @@ from .checkpoint import (
     prune_subset_checkpoints,
     resolve_resume,
 )
-from .engine import build_engine, lr_at
+from .engine import autocast_context, build_engine, lr_at
 from .model_init import build_student
+from .step_loss import cached_soft_targets, online_soft_targets, step_loss
 from .tuples_data import TupleImages, TupleLoader
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,12 @@ class Trainer:
         if gen == 0 and cfg.eval.test_untrained and not self.untrained and ckpt is None:
             self._report_untrained(net)
         teacher, teacher_key, teacher_s = None, "", 0.0
-        if gen >= 1:
+        if gen >= 1 and cfg.train.teacher == "online":  # forwarded in every step, no cache written
+            teacher = load_network(cfg, self.final_path(gen - 1), self.device)
+            teacher_key = f"online {self.final_path(gen - 1).name}"
+            log.info("generation %d: online teacher %s (run on every batch, eval mode)", gen,
+                     self.final_path(gen - 1))
+        elif gen >= 1:
             teacher_ckpt = self.final_path(gen - 1)
             t0 = time.time()
             teacher, teacher_key = run_teacher_pass(cfg, self.manifest, self.train.train_pos, teacher_ckpt,
@@ -344,39 +350,15 @@ class Trainer:
     def _loss(self, engine, images: torch.Tensor, tuples: List[Dict], gen: int, tau0: float, tau: float, teacher):
         """The loss of one batch (``images`` on the device, ``tuples`` their layout) and its
         parts, as device tensors: nothing here waits for the device."""
-        cfg = self.cfg
         regions = engine.forward(images, regions=True)  # (N, 9, D)
-        q, p, negs, nregs, soft_s = [], [], [], [], []
-        k_max = max([len(b["difficult"]) for b in tuples] + [1])
-        off = 0
-        for b in tuples:
-            n, k = b["num_negatives"], len(b["difficult"])
-            r = regions[off:off + 2 + n + k]
-            off += 2 + n + k
-            q.append(r[0, 0])
-            p.append(r[1, 0])
-            negs.append(r[2:2 + n, 0])
-            nregs.append(r[2:2 + n])
-            if gen >= 1:
-                s = torch.einsum("d,krd->kr", r[0, 0], r[2 + n:]) if k else r.new_zeros(0, 9)
-                soft_s.append(torch.cat([s, s.new_zeros(k_max - k, 9)]))
-        q, p = torch.stack(q), torch.stack(p)
-        if gen == 0:
-            hard = tuple_loss(q, p, torch.stack(negs), kind=cfg.loss.kind, temp=tau0, margin=cfg.loss.hinge_margin)
-            return hard, {"loss_hard": hard.detach()}
-        # the teacher's soft labels of the whole batch, padded to k_max: one host -> device copy
-        soft_t = np.zeros((len(tuples), k_max, 9), dtype=np.float32)
-        masks = np.zeros((len(tuples), k_max), dtype=bool)
-        for i, b in enumerate(tuples):
-            k = len(b["difficult"])
-            if k:
-                soft_t[i, :k] = teacher.lookup(b["query"], b["difficult"])
-                masks[i, :k] = True
-        hard = sfrs_hard_loss(q, p, torch.stack(nregs), temp=tau0, kind=cfg.loss.kind, margin=cfg.loss.hinge_margin)
-        soft = sfrs_soft_loss(torch.stack(soft_s), self._to_device(torch.from_numpy(soft_t)),
-                              self._to_device(torch.from_numpy(masks)), tau0=tau0, tau_g=tau)
-        loss = hard + cfg.loss.soft_weight * soft
-        return loss, {"loss_hard": hard.detach(), "loss_soft": soft.detach()}
+        soft = None
+        if gen >= 1 and self.cfg.train.teacher == "online":
+            soft = online_soft_targets(teacher, images, tuples,
+                                       autocast=lambda: autocast_context(engine.precision, self.device))
+        elif gen >= 1:  # the whole batch's soft labels: one host -> device copy each
+            soft_t, mask = cached_soft_targets(teacher, tuples)
+            soft = (self._to_device(torch.from_numpy(soft_t)), self._to_device(torch.from_numpy(mask)))
+        return step_loss(regions, tuples, gen, self.cfg.loss, tau0, tau, soft)
 
     # ------------------------------------------------------------ test/ckpt
     def _test(self, net, gen: int, tag: str = ""):
@@ -438,11 +420,16 @@ class Trainer:
         else:
             net = load_for_eval(self.cfg, self.best_path(gen), self.device)
             tables, pca_path = self._test(net, gen, tag="selected")
-        self.selected = {"generation": gen, "val_recall5": r5, "test": tables}
+        tied = sorted(g for v, g in scored if v == r5 and g != gen)
+        if tied:
+            log.info("selection decided by a tie: generations %s reach the same validation R@5 %.1f as generation %d",
+                     tied, 100 * r5, gen)
+        self.selected = {"generation": gen, "val_recall5": r5, "test": tables, "tied_with": tied}
         log.info("selected network (best validation R@5 %.1f): generation %d, %s", 100 * r5, gen,
                  self.best_path(gen).name)
         self.tracker.log_metrics({**{f"selected/{k}": v for k, v in flat_metrics(tables).items()},
-                                  "selected/generation": gen, "selected/val_recall_5": 100 * r5},
+                                  "selected/generation": gen, "selected/val_recall_5": 100 * r5,
+                                  "selected/tied_generations": len(tied)},
                                  step=0, parent=True)
         if pca_path is not None:
             self.tracker.log_artifact(pca_path, "pca", parent=True)

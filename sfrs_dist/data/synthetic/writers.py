@@ -70,6 +70,8 @@ class SyntheticConfig:
         query_views: yaw views rendered per Pittsburgh query position (1..12).
         split_fractions: share of places per split (train, val, test), west to east.
         pitts_query_conditions: probabilities of day/sunset/night for Pittsburgh queries.
+        val_query_conditions: the same for the validation split's queries (None: as the others);
+            a harder mix keeps validation recall off its ceiling so it can rank networks.
         tokyo_panoramas: Tokyo 24/7 database panoramas (12 cutouts each).
         tokyo_query_positions: Tokyo query positions, each rendered by day, sunset and night.
         jpeg_quality: JPEG quality.
@@ -81,6 +83,7 @@ class SyntheticConfig:
     query_views: int = 6
     split_fractions: Tuple[float, float, float] = (0.45, 0.2, 0.35)
     pitts_query_conditions: Tuple[float, float, float] = (0.85, 0.15, 0.0)
+    val_query_conditions: Optional[Tuple[float, float, float]] = None
     tokyo_panoramas: int = 8
     tokyo_query_positions: int = 5
     jpeg_quality: int = 90
@@ -99,10 +102,10 @@ class SyntheticConfig:
             )
         if len(self.split_fractions) != 3 or min(self.split_fractions) <= 0:
             raise ValueError(f"split_fractions must be three positive numbers, got {self.split_fractions}")
-        if len(self.pitts_query_conditions) != 3 or sum(self.pitts_query_conditions) <= 0:
-            raise ValueError(
-                f"pitts_query_conditions must be three weights, got {self.pitts_query_conditions}"
-            )
+        for name in ("pitts_query_conditions", "val_query_conditions"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 3 or min(value) < 0 or sum(value) <= 0):
+                raise ValueError(f"{name} must be three non-negative weights, got {value}")
 
 
 PRESETS: Dict[str, SyntheticConfig] = {
@@ -113,6 +116,9 @@ PRESETS: Dict[str, SyntheticConfig] = {
         query_views=12,
         tokyo_panoramas=80,
         tokyo_query_positions=105,
+        # validation queries mostly at sunset: with the test mix (85% day) validation Recall@5 sat
+        # at 97% from generation 0 on and could not rank the networks
+        val_query_conditions=(0.4, 0.6, 0.0),
     ),
 }
 
@@ -226,13 +232,17 @@ def plan_pittsburgh(
             split["db"].append(name)
             split["utm_db"].append((place.x + origin[0], place.y + origin[1]))
     q_counts = _allocate(cfg.pitts_query_positions, cfg.split_fractions)
-    cond_p = np.asarray(cfg.pitts_query_conditions, dtype=np.float64) / np.sum(cfg.pitts_query_conditions)
+    def probabilities(weights) -> np.ndarray:
+        return np.asarray(weights, dtype=np.float64) / np.sum(weights)
+
     qi = 0
     for si, split_name in enumerate(SPLITS):
         anchors = [p for p, r in zip(places, regions) if r == si]
         if not anchors:
             raise ValueError(f"split {split_name!r} received no places; use more places")
         split = splits[split_name]
+        mix = cfg.val_query_conditions if split_name == "val" and cfg.val_query_conditions else cfg.pitts_query_conditions
+        cond_p = probabilities(mix)
         for _ in range(q_counts[si]):
             for _attempt in range(100):
                 anchor = anchors[int(rng.integers(len(anchors)))]
