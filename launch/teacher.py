@@ -37,6 +37,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.generation < 1:
         print("--generation must be >= 1 (generation 0 has no teacher)", file=sys.stderr)
         return 2
+    if cfg.train.teacher == "online":
+        print("train.teacher is online: the teacher runs inside the training steps and has no cache to fill "
+              "(set train.teacher=cached to use this pass)", file=sys.stderr)
+        return 2
     run_dir = Path(cfg.run.out_dir)
     teacher = Path(args.teacher or run_dir / "checkpoints" / f"generation{args.generation - 1:02d}_final.pt")
     info = du.init_distributed(timeout_s=cfg.run.dist_timeout_s)
