@@ -233,3 +233,32 @@ def test_frame_positives():
     got = frame_positives(q, db, 1)
     assert [g.tolist() for g in got] == [[1, 2], [4, 5], [0, 6]]
     assert [g.tolist() for g in frame_positives(q, db, 0)] == [[1], [], [0]]
+
+
+def test_training_on_the_vpr_layout_tests_the_sets_present(both_layouts, tmp_path):
+    """A train split of this layout trains as a .mat one does; every generation is tested on the
+    listed sets that are built (a missing one skipped), logged to MLflow, and the final table printed."""
+    vpr = both_layouts["vpr"]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+           str(REPO / "launch" / "train.py"), "--config", TINY]
+    for s in (f"data.shards={vpr['pitts30k']}", f"data.test_shards=[{vpr['tokyo247']},{tmp_path / 'msls'}]",
+              "data.test_sets=[pitts30k_test,msls_val,tokyo247_test]", "data.test_sets_present_only=true",
+              "train.generations=1", "train.max_steps_per_epoch=2", f"run.out_dir={out}"):
+        cmd += ["--set", s]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=REPO)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("sfrs").experiment_id])
+    child = next(r for r in runs if "mlflow.parentRunId" in r.data.tags)
+    m = child.data.metrics
+    assert m["loss_hard"] > 0
+    assert 0 <= m["pitts30k_test/all/recall_1"] <= 100 and 0 <= m["tokyo247_test/night/recall_5"] <= 100
+    assert not any(k.startswith("msls_val") for k in m)
+    assert "msls_val is in none of the shard sets present: skipped" in res.stderr
+    head = next(line for line in res.stdout.splitlines() if line.startswith("| network |"))
+    assert head.startswith("| network | pitts30k_test R@1 | pitts30k_test R@5 | pitts30k_test R@10 | tokyo247_test R@1")
+    row = next(line for line in res.stdout.splitlines() if line.startswith("| generation 0 |"))
+    assert row.split("|")[2].strip() == f"{m['pitts30k_test/all/recall_1']:.1f}"
