@@ -42,17 +42,20 @@ def parse_size(text: str) -> Tuple[int, int]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=("pitts", "tokyo", "synthetic", "utm"),
-                   help="raw dataset format (utm: the @UTM-named layout of VPR-datasets-downloader)")
+    p.add_argument("--dataset", choices=("pitts", "tokyo", "synthetic", "utm", "msls"),
+                   help="raw dataset format (utm: the @UTM-named layout of VPR-datasets-downloader; "
+                        "msls: Mapillary SLS's own train_val/<city>/ layout)")
     p.add_argument("--root", type=Path, help="raw dataset root folder")
     p.add_argument("--scale", default="30k", help="Pittsburgh scale: 30k or 250k")
     p.add_argument("--splits", nargs="*", default=None, help="splits to read (default: all found)")
     p.add_argument("--name", default=None,
                    help="utm: dataset name of the split ids <name>_<split> (default: the root folder's name)")
-    p.add_argument("--pos-dist", type=float, default=25.0, help="utm: radius of positives in metres")
-    p.add_argument("--train-pos-dist", type=float, default=10.0, help="utm: radius of training positives in metres")
+    p.add_argument("--pos-dist", type=float, default=25.0, help="utm, msls: radius of positives in metres")
+    p.add_argument("--train-pos-dist", type=float, default=10.0,
+                   help="utm, msls: radius of training positives in metres")
     p.add_argument("--all-queries", action="store_true",
-                   help="utm, msls val: keep every query, not only the official evaluation's 740")
+                   help="utm, msls: msls_val keeps every query, not only the official evaluation's 740")
+    p.add_argument("--cities", nargs="*", default=None, help="msls: only these cities (default: all present)")
     p.add_argument("--out", type=Path, required=True, help="shard folder, e.g. shards/pitts30k")
     p.add_argument("--resize", type=parse_size, default=None,
                    help="store JPEGs scaled to fit HxW (aspect kept); default keeps original bytes")
@@ -81,6 +84,12 @@ def read_dataset(args: argparse.Namespace):
             if missing:
                 raise FileNotFoundError(f"{missing[0]}: not a readable file ({len(missing)} such)")
         return splits, {"dataset": "utm", "root": str(args.root.resolve()), "name": splits[0].name}
+    if args.dataset == "msls":
+        from sfrs_dist.data.msls import load_msls
+
+        splits = load_msls(args.root, splits=args.splits, cities=args.cities, pos_dist_thr=args.pos_dist,
+                           train_pos_dist_thr=args.train_pos_dist, official_queries=not args.all_queries)
+        return splits, {"dataset": "msls", "root": str(args.root.resolve())}
     from sfrs_dist.data.datasets import load_dataset
 
     splits = load_dataset(args.dataset, args.root, scale=args.scale, splits=args.splits)
