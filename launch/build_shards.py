@@ -106,6 +106,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             splits, source = read_dataset(args)
             target = args.out
             staging = args.out.parent / f".{args.out.name}.partial"
+            if args.out.is_dir() and not any(args.out.iterdir()):
+                args.out.rmdir()  # an empty folder made beforehand: built under the staging name too
             if not args.out.exists():
                 target = staging
                 args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -102,7 +102,12 @@ def test_msls_errors_and_build(msls_root, tmp_path):
     with pytest.raises(FileNotFoundError, match=missing.name):
         load_msls(bad)
 
+    with pytest.raises(ValueError, match=r"unknown MSLS cities \['copenhagen'\]"):
+        load_msls(root, cities=["copenhagen"])
+    assert [s.split for s in load_msls(root, cities=["london"])] == ["train"]
+
     out = tmp_path / "shards"
+    out.mkdir()  # made beforehand, empty: built under a staging name, then renamed
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     res = subprocess.run([sys.executable, str(REPO / "launch" / "build_shards.py"), "--dataset", "msls", "--root",
                           str(root), "--out", str(out), "--shard-size", "64", "--no-progress"],

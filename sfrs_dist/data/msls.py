@@ -101,6 +101,10 @@ def load_msls(root: Path, splits: Optional[Sequence[str]] = None, cities: Option
     base = Path(root) / "train_val"
     if not base.is_dir():
         raise FileNotFoundError(f"{base}: no train_val/ folder (expected <root>/train_val/<city>/query|database)")
+    unknown = sorted(set(cities or ()) - set(TRAIN_CITIES) - set(VAL_CITIES))
+    if unknown:
+        raise ValueError(f"unknown MSLS cities {unknown}; training cities: {list(TRAIN_CITIES)}, "
+                         f"validation cities: {list(VAL_CITIES)}")
     out = []
     for split in splits or ("train", "val"):
         if split not in ("train", "val"):
