@@ -52,6 +52,7 @@ def test_parse_name_fields_and_errors():
                  "lat": "040.44086", "lon": "-079.99931", "pano_id": "000546", "tile_num": "05",
                  "note": "pitch1_yaw6"}
     assert parse_name("sub/@1.5@-2@.png") == {"utm_east": "1.5", "utm_north": "-2.0"}
+    assert parse_name("@1@2@@@@@@@@@@@@@@x@.jpg") == {"utm_east": "1.0", "utm_north": "2.0", "field16": "x"}
     with pytest.raises(DatasetFormatError, match=r"000546_pitch1_yaw6\.jpg: not an @UTM"):
         parse_name("000/000546_pitch1_yaw6.jpg")
     with pytest.raises(DatasetFormatError, match=r"@12a@4@\.jpg: field utm_east is '12a'"):

@@ -61,11 +61,11 @@ def parse_name(name: str) -> Dict[str, str]:
     if not stem.startswith("@") or len(parts) < 3:
         raise DatasetFormatError(f"{name}: not an @UTM_east@UTM_north@...@ image name")
     values = parts[1:]
-    if values and values[-1] == "" and len(values) > len(FIELDS):
+    if values and values[-1] == "":
         values = values[:-1]
-    if len(values) > len(FIELDS):
-        raise DatasetFormatError(f"{name}: {len(values)} @-fields, the layout has at most {len(FIELDS)}")
-    out = {k: v for k, v in zip(FIELDS, values) if v != ""}
+    # fields past the 14 of the layout (some formatting scripts add their own) are kept by position
+    keys = list(FIELDS) + [f"field{i + 1}" for i in range(len(FIELDS), len(values))]
+    out = {k: v for k, v in zip(keys, values) if v != ""}
     for k in ("utm_east", "utm_north"):
         try:
             out[k] = str(float(out[k]))
