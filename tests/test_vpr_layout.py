@@ -22,8 +22,8 @@ from sfrs_dist.data.datasets import DatasetFormatError, panorama_ids
 from sfrs_dist.data.manifest import MANIFEST_NAME, Manifest
 from sfrs_dist.data.random_access import ShardReader
 from sfrs_dist.data.test_sets import locate_splits
-from sfrs_dist.data.vpr_layout import load_vpr_layout, parse_name
-from sfrs_dist.evaluation.protocols import frame_positives
+from sfrs_dist.data.vpr_layout import load_vpr_layout, parse_name, split_from_names
+from sfrs_dist.evaluation.protocols import frame_positives, positives, protocol_note
 from sfrs_dist.evaluation.recall import recall_at_n
 from sfrs_dist.models import build_model
 from sfrs_dist.training.checkpoint import atomic_torch_save
@@ -263,3 +263,15 @@ def test_training_on_the_vpr_layout_tests_the_sets_present(both_layouts, tmp_pat
     assert head.startswith("| network | pitts30k_test R@1 | pitts30k_test R@5 | pitts30k_test R@10 | tokyo247_test R@1")
     row = next(line for line in res.stdout.splitlines() if line.startswith("| generation 0 |"))
     assert row.split("|")[2].strip() == f"{m['pitts30k_test/all/recall_1']:.1f}"
+
+
+def test_nordland_protocol_from_names():
+    names = [f"@0.00@{2.4 * i:.2f}@33@V@@@@@@@@@@images-{i:05d}@.jpg" for i in range(6)]
+    split = split_from_names("nordland", "test", names, names[::2])
+    assert [p.tolist() for p in positives(split, 1)] == [[0, 1], [1, 2, 3], [3, 4, 5]]
+    assert [p.tolist() for p in positives(split, 0)] == [[0], [2], [4]]
+    assert protocol_note(split, 1) == "3 queries, 6 database images; positives within +-1 frame(s)"
+    assert "positives within 25 m" in protocol_note(split_from_names("pitts30k", "test", names, names), 1)
+    off = split_from_names("nordland", "test", names, ["@0@3.6@.jpg"])
+    with pytest.raises(ValueError, match=r"nordland_test: @0@3\.6@\.jpg has UTM north 3\.6, not on the 2\.4 m"):
+        positives(off, 1)
