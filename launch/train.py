@@ -11,6 +11,8 @@ from typing import List, Optional
 from sfrs_dist import distributed as du
 from sfrs_dist.config import ConfigError, check_resume, load_config_for_launch
 from sfrs_dist.data.test_sets import locate_splits
+from sfrs_dist.evaluation.paper_table import paper_table
+from sfrs_dist.evaluation.protocols import protocol_note
 from sfrs_dist.logging_utils import setup_logging
 from sfrs_dist.precision import apply_choice, log_choice, resolve_config, saved_run_config
 from sfrs_dist.tracking import default_tracking_uri
@@ -19,6 +21,16 @@ from sfrs_dist.training.report import generation_table
 from sfrs_dist.training.trainer import Trainer
 
 log = logging.getLogger("train")
+
+
+def suite_table(cfg, trainer: Trainer, history):
+    """One row per generation (and the untrained / selected networks), columns test set x R@1/5/10."""
+    rows = {"untrained": trainer.untrained.get("test", {})} if trainer.untrained else {}
+    rows.update({f"generation {g}": history[g]["test"] for g in sorted(history) if "test" in history[g]})
+    if trainer.selected:
+        rows["selected"] = trainer.selected["test"]
+    notes = {sid: protocol_note(m.split_data(sid), cfg.data.nordland_frames) for sid, m in trainer.test_sets.items()}
+    return paper_table(rows, [n for n in (1, 5, 10) if n in cfg.eval.recall_ns], notes)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -58,6 +70,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print("\nRecall@N on the test sets, per generation (generation 0 = SARE baseline):")
             print(generation_table(history, [n for n in cfg.eval.recall_ns if n <= 10], trainer.selected,
                                    trainer.untrained))
+            print("\nThe same, in the papers' shape (overall Recall@N, percent):\n")
+            print(suite_table(cfg, trainer, history).to_markdown())
             uri = cfg.tracking.uri or default_tracking_uri(Path(cfg.run.out_dir))
             print(f"\nCompare generations in MLflow:  mlflow ui --backend-store-uri {uri}  "
                   "(then open http://127.0.0.1:5000)")

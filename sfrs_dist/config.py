@@ -69,6 +69,13 @@ class DataConfig:
     """Colour-jitter the training images on the training device (torchvision v2, each image its
     own draw from the same ranges, after the resize) instead of in the loader workers (PIL,
     before the resize: the reference's order)."""
+    test_sets_present_only: bool = False
+    """Test only the data.test_sets found in the shard sets present (a listed shard folder without a
+    manifest, or a split in none of them, is skipped with a warning) instead of stopping the job:
+    for a suite config naming every standard test set (configs/vpr_suite.yaml)."""
+    nordland_frames: int = 1
+    """Nordland protocol: a database image is a positive within this many frames of the query
+    (1 is the common choice, some papers count 10)."""
 
     def __post_init__(self) -> None:
         _check(len(self.image_size) == 2 and all(v > 0 for v in self.image_size),
@@ -79,6 +86,7 @@ class DataConfig:
         _check(self.extract_batch_size > 0, "data.extract_batch_size must be > 0")
         _check(self.aspect_resize in ("short_side", "fit_box"),
                f"data.aspect_resize must be short_side or fit_box, got {self.aspect_resize!r}")
+        _check(self.nordland_frames >= 0, f"data.nordland_frames must be >= 0, got {self.nordland_frames}")
         _check(len(self.color_jitter) == 4 and all(v >= 0 for v in self.color_jitter)
                and self.color_jitter[3] <= 0.5,
                f"data.color_jitter must be [brightness, contrast, saturation, hue] >= 0 with hue <= 0.5, "
@@ -433,7 +441,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 #: Settings a job may change when it resumes: where files are, how fast data is read, how far
 #: the job goes and how it reports. Anything else changes what the checkpoints mean.
 RESUME_FREE = ("data.shards", "data.num_workers", "data.train_workers", "data.extract_batch_size", "data.test_sets",
-               "data.test_shards", "train.generations", "train.log_every", "eval.", "tracking.", "run.")
+               "data.test_shards", "data.test_sets_present_only", "data.nordland_frames", "train.generations", "train.log_every", "eval.", "tracking.", "run.")
 
 
 def resume_conflicts(saved: Config, new: Config) -> List[str]:

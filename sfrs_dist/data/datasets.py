@@ -268,8 +268,16 @@ def load_tokyo_tm(
 
 
 def panorama_ids(split: SplitData) -> np.ndarray:
-    """Integer panorama id per database image: cutouts of one panorama share their UTM position."""
-    ids: Dict[tuple, int] = {}
+    """Integer panorama id per database image, in order of first appearance.
+
+    Where every database image names its panorama (the ``pano_id`` field of the ``@``-named
+    layout) that name groups the cutouts; otherwise cutouts of one panorama are those sharing
+    their UTM position (the ``.mat`` layout).
+    """
+    ids: Dict[object, int] = {}
+    panos = [(r.extra or {}).get("pano_id") for r in split.database]
+    if panos and all(panos):
+        return np.asarray([ids.setdefault(p, len(ids)) for p in panos], dtype=np.int64)
     return np.asarray([ids.setdefault(tuple(r.utm), len(ids)) for r in split.database], dtype=np.int64)
 
 

@@ -97,6 +97,8 @@ class RoleEntry:
     utm: List[List[float]] = field(default_factory=list)
     condition: List[Optional[str]] = field(default_factory=list)
     timestamp: List[Optional[int]] = field(default_factory=list)
+    extra: List[Optional[Dict[str, str]]] = field(default_factory=list)
+    """Per-sample ``Record.extra``; empty when no sample has any (formats without extra fields)."""
 
     @classmethod
     def from_records(cls, records: Iterable[Record]) -> "RoleEntry":
@@ -108,16 +110,24 @@ class RoleEntry:
             out.utm.append([float(r.utm[0]), float(r.utm[1])])
             out.condition.append(r.condition)
             out.timestamp.append(None if r.timestamp is None else int(r.timestamp))
+            out.extra.append(None if r.extra is None else dict(r.extra))
+        if all(e is None for e in out.extra):
+            out.extra = []
         return out
 
+    def extra_at(self, i: int) -> Optional[Dict[str, str]]:
+        """``extra`` of sample ``i`` (None where the format has none)."""
+        return self.extra[i] if self.extra else None
+
     def records(self, name: str, split: str, role: str) -> List[Record]:
+        extra = self.extra or [None] * len(self.keys)
         return [
             Record(
                 key=k, name=name, split=split, role=role, index=i, relpath=p, file="",
-                utm=(float(u[0]), float(u[1])), condition=c, timestamp=t,
+                utm=(float(u[0]), float(u[1])), condition=c, timestamp=t, extra=e,
             )
-            for k, i, p, u, c, t in zip(
-                self.keys, self.index, self.relpath, self.utm, self.condition, self.timestamp
+            for k, i, p, u, c, t, e in zip(
+                self.keys, self.index, self.relpath, self.utm, self.condition, self.timestamp, extra
             )
         ]
 
@@ -239,7 +249,7 @@ class Manifest:
         return Record(
             key=key, name=s.name, split=s.split, role=g.role, index=col.index[i],
             relpath=col.relpath[i], file="", utm=tuple(col.utm[i]), condition=col.condition[i],
-            timestamp=col.timestamp[i],
+            timestamp=col.timestamp[i], extra=col.extra_at(i),
         ).meta()
 
     def _group(self, group: str) -> GroupEntry:

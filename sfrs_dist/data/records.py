@@ -43,6 +43,9 @@ class Record:
         utm: (east, north) in metres.
         condition: light condition (``day``/``sunset``/``night``) where the data says it.
         timestamp: capture time stamp where the format has one (Tokyo Time Machine).
+        extra: further per-image fields of the source format where it has them (the
+            ``@``-named layout: ``pano_id``, ``tile_num``, ``heading``, ``timestamp``, ``note``,
+            ...; Mapillary SLS: ``view_direction``, ``city``), strings, empty fields left out.
     """
 
     key: str
@@ -55,10 +58,11 @@ class Record:
     utm: tuple
     condition: Optional[str] = None
     timestamp: Optional[int] = None
+    extra: Optional[Dict[str, str]] = None
 
     def meta(self) -> Dict:
-        """JSON-able metadata stored next to the image in a shard."""
-        return {
+        """JSON-able metadata stored next to the image in a shard (``extra`` only where set)."""
+        out = {
             "key": self.key,
             "name": self.name,
             "split": self.split,
@@ -69,6 +73,9 @@ class Record:
             "condition": self.condition,
             "timestamp": self.timestamp,
         }
+        if self.extra is not None:
+            out["extra"] = dict(self.extra)
+        return out
 
 
 @dataclass

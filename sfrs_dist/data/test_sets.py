@@ -8,11 +8,14 @@ aspect-preserving queries, spatial NMS, per-condition recall).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Dict, List, Sequence
 
 from ..config import ConfigError, DataConfig
-from .manifest import Manifest, ManifestError
+from .manifest import MANIFEST_NAME, Manifest, ManifestError
+
+log = logging.getLogger(__name__)
 
 
 def shard_sets(data: DataConfig) -> List[Path]:
@@ -30,6 +33,9 @@ def locate_splits(data: DataConfig, names: Sequence[str]) -> Dict[str, Manifest]
 
     Raises ``ConfigError`` naming the split when it is in none of the shard sets or in two,
     and naming the folder when a shard set has no manifest.
+
+    With ``data.test_sets_present_only``, shard folders without a manifest and splits found in
+    none of the sets are skipped with a warning instead (ConfigError only if none is left).
     """
     manifests = []
     for folder in shard_sets(data):
@@ -37,10 +43,16 @@ def locate_splits(data: DataConfig, names: Sequence[str]) -> Dict[str, Manifest]
             manifests.append(Manifest.load(folder))
         except ManifestError as exc:
             key = "data.shards" if Path(folder) == Path(data.shards) else "data.test_shards"
+            if data.test_sets_present_only and not (Path(folder) / MANIFEST_NAME).exists():
+                log.warning("%s: %s is not present: its test sets are skipped", key, folder)
+                continue
             raise ConfigError(f"{key}: {exc}") from None
     out: Dict[str, Manifest] = {}
     for name in names:
         hits = [m for m in manifests if name in m.splits]
+        if not hits and data.test_sets_present_only:
+            log.warning("data.test_sets: %s is in none of the shard sets present: skipped", name)
+            continue
         if not hits:
             known = sorted({s for m in manifests for s in m.splits})
             raise ConfigError(f"data.test_sets: split {name!r} is in none of the shard sets "
@@ -50,6 +62,9 @@ def locate_splits(data: DataConfig, names: Sequence[str]) -> Dict[str, Manifest]
             raise ConfigError(f"data.test_sets: split {name!r} is in two shard sets ({hits[0].root}, {hits[1].root}); "
                               "list only one of them in data.shards / data.test_shards")
         out[name] = hits[0]
+    if names and not out:
+        raise ConfigError(f"data.test_sets: none of {list(names)} is in the shard sets present "
+                          f"{[str(m.root) for m in manifests]}")
     return out
 
 

@@ -33,6 +33,7 @@ from ..data.manifest import Manifest
 from ..data.random_access import ShardReader
 from ..extraction.descriptors import gather_rows
 from ..extraction.passes import extract_group, extract_group_local, transform_kind
+from . import protocols
 from .pca import PCAWhitening, broadcast_pca
 from .recall import recall_from_topk, search_depth
 from .search import search_topk, sharded_search_topk
@@ -57,11 +58,12 @@ class SplitTruth:
 
 def is_spatial(manifest: Manifest, sid: str) -> bool:
     """Whether the split's retrievals pass spatial NMS (Tokyo 24/7: one image per panorama)."""
-    return manifest.splits[sid].name == "tokyo247"
+    return protocols.is_spatial(manifest.splits[sid].name)
 
 
-def split_truth(manifest: Manifest, sid: str) -> SplitTruth:
-    """Positives, panorama ids (Tokyo 24/7), query conditions and query counts of a split."""
+def split_truth(manifest: Manifest, sid: str, nordland_frames: int = 1) -> SplitTruth:
+    """Positives (the split's protocol: ``evaluation/protocols.py``), panorama ids (Tokyo 24/7),
+    query conditions and query counts of a split."""
     split = manifest.split_data(sid)
     conditions = [r.condition for r in split.queries]
     conditions = conditions if any(c is not None for c in conditions) else None
@@ -71,7 +73,7 @@ def split_truth(manifest: Manifest, sid: str) -> SplitTruth:
     counts = {"all": len(split.queries)}
     for c in conditions or []:
         counts[c] = counts.get(c, 0) + 1
-    return SplitTruth(split.potential_positives(), pano, conditions, counts)
+    return SplitTruth(protocols.positives(split, nordland_frames), pano, conditions, counts)
 
 
 def table_from_topk(topk: np.ndarray, truth: SplitTruth, ns: Sequence[int]) -> Tuple[Table, Dict[str, int]]:
@@ -135,18 +137,23 @@ def evaluate_splits(fn: Callable[[torch.Tensor], torch.Tensor], dim: int, manife
                     pca: Optional[PCAWhitening] = None, bf16: bool = False,
                     on_topk: Optional[Callable[[str, np.ndarray], None]] = None,
                     shard_db: bool = True,
+                    on_descriptors: Optional[Callable[[str, np.ndarray, np.ndarray], None]] = None,
                     ) -> Dict[str, Tuple[Table, Dict[str, int]]]:
     """Recall tables (and query counts) of several splits, on every rank.
 
     Args:
         shard_db: keep the database descriptors sharded across ranks (the module docstring);
             False gathers them all on every rank and searches on rank 0. Same tables.
+        on_descriptors: ``on_descriptors(sid, db, q)`` is called on rank 0 with each split's
+            final (PCA-whitened where ``pca`` is given) database and query descriptors in
+            manifest order; it needs them all on rank 0, so it implies ``shard_db=False``.
         pca: applied to database and query descriptors before the search. In the sharded
             layout every rank needs it; one given on rank 0 only is broadcast.
         on_topk: ``on_topk(sid, ids)`` is called on rank 0 with each split's retrieved
             database ids, (Q, K) best first before spatial NMS, ``K >= 5`` (e.g. to draw
             retrievals with ``render_examples``).
     """
+    shard_db = shard_db and on_descriptors is None
     if shard_db:
         pca = _same_pca_everywhere(pca)
     out: Dict[str, Tuple[Table, Dict[str, int]]] = {}
@@ -162,9 +169,11 @@ def evaluate_splits(fn: Callable[[torch.Tensor], torch.Tensor], dim: int, manife
                 if pca is not None:
                     db, q = pca.transform(db), pca.transform(q)
                 _, topk = search_topk(db, q, k, bf16=bf16)
+                if on_descriptors is not None:
+                    on_descriptors(sid, db, q)
             del db, q
         if du.is_main_process():
-            out[sid] = table_from_topk(topk, split_truth(manifest, sid), ns)
+            out[sid] = table_from_topk(topk, split_truth(manifest, sid, data.nordland_frames), ns)
             if on_topk is not None:
                 on_topk(sid, topk)
     return du.broadcast_object(out)
