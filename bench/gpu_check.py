@@ -161,14 +161,26 @@ def check_faiss_gpu(device: torch.device) -> str:
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     sg, ig = search_topk(db, q, 50, use_gpu=True)
     sc, ic = search_topk(db, q, 50, use_gpu=False)
-    if not np.array_equal(ig, ic) or not np.allclose(sg, sc, atol=1e-4):
-        raise AssertionError(f"evaluation search: {int((ig != ic).any(1).sum())} of {len(q)} rows differ")
-    s_knn, i_knn = self_topk(db[:2000], 21)  # GPU flat index inside
-    exact = db[:2000] @ db[:2000].T
-    ref = np.argsort(-exact, axis=1, kind="stable")[:, :21]
-    if not np.array_equal(np.sort(i_knn, 1), np.sort(ref, 1)):
-        raise AssertionError("mining kNN differs from exact top-k")
-    return f"{num_faiss_gpus()} GPU(s); evaluation top-50 and mining top-21 equal to CPU"
+    # cuBLAS and CPU BLAS round differently: ids may swap at near-ties, scores must agree
+    exact = q.astype(np.float64) @ db.T.astype(np.float64)
+    gap = max(_score_gap(sg, sc), _score_gap(np.take_along_axis(exact, ig, 1), np.take_along_axis(exact, ic, 1)))
+    if gap > 1e-4:
+        raise AssertionError(f"evaluation search: scores differ from CPU faiss by up to {gap:.2e}")
+    swapped = int((ig != ic).any(1).sum())
+    x = db[:2000]
+    s_knn, i_knn = self_topk(x, 21)  # GPU flat index inside
+    exact = x.astype(np.float64) @ x.T.astype(np.float64)
+    ref = -np.sort(-exact, axis=1)[:, :21]
+    knn_gap = _score_gap(np.take_along_axis(exact, i_knn, 1), ref)
+    if knn_gap > 1e-4:
+        raise AssertionError(f"mining kNN: scores differ from the exact top-21 by up to {knn_gap:.2e}")
+    return (f"{num_faiss_gpus()} GPU(s); evaluation top-50 scores within {gap:.1e} of CPU ({swapped} rows with "
+            f"near-tie swaps), mining top-21 within {knn_gap:.1e} of exact")
+
+
+def _score_gap(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest difference between two (rows, k) score lists, position by position."""
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max(initial=0.0))
 
 
 def check_bf16_extraction(device: torch.device, shards: Path) -> str:
@@ -344,6 +356,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     names = ["nccl", "faiss_gpu", "bf16_extraction", "train_ddp_fp32", "train_ddp_bf16", "train_ddp_fp16",
              "train_deepspeed_zero1_bf16", "teacher_pass", "loader_vs_step"]
     cuda = torch.cuda.is_available()
+    if args.device != "cpu":  # GPUs that torch cannot use are a failure, not a reason to skip
+        from sfrs_dist.device_check import DeviceUnusable, resolve_device
+
+        try:
+            resolve_device("auto")
+        except DeviceUnusable as exc:
+            print(f"FAIL device: {exc}", flush=True)
+            return 1
     if args.device == "cuda" and not cuda:
         print("FAIL cuda: --device cuda but torch sees no CUDA device", flush=True)
         return 1

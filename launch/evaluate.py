@@ -23,6 +23,7 @@ from typing import List, Optional
 from sfrs_dist import distributed as du
 from sfrs_dist.config import ConfigError, load_config_for_launch
 from sfrs_dist.data.test_sets import group_by_manifest, locate_splits
+from sfrs_dist.device_check import DeviceUnusable, resolve_device
 from sfrs_dist.evaluation.checkpoints import NoNetworkError, load_for_eval
 from sfrs_dist.evaluation.pca import PCAWhitening
 from sfrs_dist.evaluation.recall import format_recall_table
@@ -56,13 +57,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if cfg is None:
         return 2
     try:
+        device = resolve_device(cfg.run.device, du.get_local_rank())
         ckpts = expand(args.checkpoint)
         located = locate_splits(cfg.data, args.sets or cfg.data.test_sets)
-    except (FileNotFoundError, ConfigError) as exc:
+    except (FileNotFoundError, ConfigError, DeviceUnusable) as exc:
         if du.launch_rank() == 0:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"{'device error' if isinstance(exc, DeviceUnusable) else 'error'}: {exc}", file=sys.stderr)
         return 2
-    info = du.init_distributed(timeout_s=cfg.run.dist_timeout_s)
+    info = du.init_distributed(timeout_s=cfg.run.dist_timeout_s, device=device)
     setup_logging()
     cfg, precision = resolve_config(cfg, info.device)  # eval.bf16 auto
     log_choice(precision)

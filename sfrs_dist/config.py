@@ -257,9 +257,13 @@ class RunConfig:
     """auto (latest checkpoint in out_dir if any), none, or a checkpoint path."""
     dist_timeout_s: float = 900.0
     """Timeout of every collective: a failed rank stops the job instead of hanging."""
+    device: str = "auto"
+    """auto (the local rank's GPU when torch can use one, the CPU on a node without GPUs; GPUs
+    that torch cannot use stop the job with the fix named), cuda (a GPU required) or cpu (on purpose)."""
 
     def __post_init__(self) -> None:
         _check(self.dist_timeout_s > 0, "run.dist_timeout_s must be > 0")
+        _check(self.device in ("auto", "cuda", "cpu"), f"run.device must be auto, cuda or cpu, got {self.device!r}")
 
 
 @dataclass

@@ -72,19 +72,21 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) -> DistInfo:
+def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0,
+                     device: Optional[torch.device] = None) -> DistInfo:
     """Initialise the default process group from torchrun's environment variables.
 
     Without ``WORLD_SIZE`` in the environment (plain ``python``), nothing is initialised and
     a single-process ``DistInfo`` is returned. ``timeout_s`` bounds every collective so a
-    failed rank makes the job fail instead of hanging.
+    failed rank makes the job fail instead of hanging. ``device`` (default
+    ``default_device()``) decides the backend: NCCL for CUDA, gloo for the CPU.
     """
-    device = default_device()
+    device = default_device() if device is None else torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and not is_distributed():
-        backend = backend or default_backend()
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
         timeout = datetime.timedelta(seconds=timeout_s)
         rank = int(os.environ["RANK"])
         dist.init_process_group(backend=backend, store=_job_store(rank, world_size, timeout), rank=rank,
