@@ -224,9 +224,10 @@ def all_reduce_int_sum(value: int) -> int:
 def broadcast_array(arr: Optional[np.ndarray], src: int, dtype: Any = np.float32) -> np.ndarray:
     """Rank ``src``'s 2-d ``arr`` on every rank (other ranks pass ``None``): its shape first, then its rows.
 
-    Both travel as tensors on ``collective_device()`` (through a CUDA copy under NCCL). ``src``
-    gets its own array back, the others a new CPU array of ``dtype``. Identity when not
-    distributed. A collective: every rank calls it with the same ``src``.
+    Both travel as tensors on ``collective_device()``: under NCCL the sender copies its rows to
+    its GPU and the receivers receive straight into a buffer allocated on theirs. ``src`` gets
+    its own array back, the others a new CPU array of ``dtype``. Identity when not distributed.
+    A collective: every rank calls it with the same ``src``.
     """
     mine = get_rank() == src
     if mine:
@@ -241,7 +242,9 @@ def broadcast_array(arr: Optional[np.ndarray], src: int, dtype: Any = np.float32
     if rows * cols == 0:
         return arr if mine else np.empty((rows, cols), dtype=dtype)
     device = collective_device()
-    buf = torch.from_numpy(arr if mine else np.empty((rows, cols), dtype=dtype))
-    t = buf.to(device)  # the same memory on CPU
+    if mine:
+        t = torch.from_numpy(arr).to(device)  # the same memory on CPU
+    else:
+        t = torch.empty((rows, cols), dtype=torch.from_numpy(np.empty(0, dtype=dtype)).dtype, device=device)
     broadcast_tensor(t, src)
     return arr if mine else t.cpu().numpy()

@@ -24,9 +24,9 @@ from ..data.manifest import Manifest
 from ..data.test_sets import group_by_manifest, locate_splits
 from ..data.transforms import DeviceColorJitter
 from ..evaluation.checkpoints import load_for_eval
-from ..evaluation.pca import PCAWhitening, broadcast_pca
+from ..evaluation.pca_fit import fit_pca_sharded
 from ..evaluation.runner import evaluate_splits, flat_metrics, render_examples
-from ..extraction.passes import eval_mode, extract_group, extract_group_local
+from ..extraction.passes import eval_mode, extract_group_local
 from ..losses import sfrs_hard_loss, sfrs_soft_loss, tuple_loss
 from ..mining import (
     COLLAPSE_SIMILARITY,
@@ -381,18 +381,20 @@ class Trainer:
         pca, pca_path = None, None
         with eval_mode(net):
             if cfg.eval.pca_dim and cfg.eval.pca_dim < net.output_dim:
-                # as the reference: images drawn at random from training queries and database
-                train = np.concatenate([
-                    extract_group(net, net.output_dim, self.manifest, self.train.sid, role, cfg.data, self.device,
-                                  bf16=cfg.eval.bf16) for role in ("q", "db")])
+                # as the reference: images drawn at random from training queries and database; each
+                # rank keeps its share, only the sampled rows travel (to rank 0, which fits on its device)
+                (q_ids, q_rows), (db_ids, db_rows) = [
+                    extract_group_local(net, net.output_dim, self.manifest, self.train.sid, role, cfg.data,
+                                        self.device, bf16=cfg.eval.bf16) for role in ("q", "db")]
+                nq = len(self.train.q_keys)
+                pca = fit_pca_sharded(np.concatenate([q_ids, nq + db_ids]), np.concatenate([q_rows, db_rows]),
+                                      nq + len(self.train.db_keys), cfg.eval.pca_dim, cfg.eval.pca_samples,
+                                      cfg.train.seed, self.device)  # on every rank: each whitens its share
+                del q_rows, db_rows
                 pca_path = self.ckpt_dir / f"{tag}_pca.h5"
-                if du.is_main_process():  # fitted once, on rank 0
-                    pca = PCAWhitening(cfg.eval.pca_dim).fit(train, max_samples=cfg.eval.pca_samples,
-                                                             seed=cfg.train.seed)
+                if du.is_main_process():
                     pca_path.parent.mkdir(parents=True, exist_ok=True)
                     pca.save(str(pca_path))
-                del train
-                pca = broadcast_pca(pca)  # every rank whitens and searches its share of the database
             examples_dir = self.run_dir / "examples" / tag
 
             def draw(sid, topk):
