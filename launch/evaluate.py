@@ -80,7 +80,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             tables = {}
             for manifest, group in group_by_manifest(located):
                 tables.update(evaluate_splits(net, net.output_dim, manifest, group, cfg.data, info.device,
-                                              cfg.eval.recall_ns, pca=pca, bf16=cfg.eval.bf16))
+                                              cfg.eval.recall_ns, pca=pca, bf16=cfg.eval.bf16,
+                                              bf16_search=cfg.eval.bf16_search))
             results[ck] = {sid: {"recall": {c: {str(n): v for n, v in row.items()} for c, row in t.items()},
                                  "queries": counts} for sid, (t, counts) in tables.items()}
             if du.is_main_process():

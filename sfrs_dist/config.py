@@ -227,16 +227,22 @@ class EvalConfig:
     pca_samples: int = 10000
     """Training descriptors the PCA is fitted on."""
     bf16: Union[bool, str] = "auto"
-    """bf16 autocast for extraction and candidate search (fp32 path stays exact): true, false or
-    auto (on where the device and the CPU compute bf16 natively and faiss has no GPU)."""
+    """bf16 autocast of the extraction passes (mining refresh, validation, test, PCA): true, false
+    or auto (on where the extraction device computes bf16 natively)."""
     test_untrained: bool = False
     """Also test the untrained network (backbone weights + NetVLAD init) before generation 0:
     the off-the-shelf baseline, logged to the parent run as ``untrained/...``."""
+    bf16_search: Union[bool, str] = "auto"
+    """bf16 candidate search of evaluation on the rank's device, exact fp32 re-scoring of the
+    short list (instead of faiss): true, false or auto (on where that device computes bf16
+    natively and faiss has no GPU)."""
 
     def __post_init__(self) -> None:
         _check(all(n > 0 for n in self.recall_ns), "eval.recall_ns must be positive")
         _check(self.pca_dim >= 0, "eval.pca_dim must be >= 0")
         _check(_is_auto_flag(self.bf16), f"eval.bf16 must be true, false or auto, got {self.bf16!r}")
+        _check(_is_auto_flag(self.bf16_search),
+               f"eval.bf16_search must be true, false or auto, got {self.bf16_search!r}")
 
 
 @dataclass

@@ -245,7 +245,7 @@ class Trainer:
             return {}
         with eval_mode(net):
             return evaluate_splits(net, net.output_dim, self.manifest, [cfg.data.val_set], cfg.data, self.device,
-                                   cfg.eval.recall_ns, bf16=cfg.eval.bf16)
+                                   cfg.eval.recall_ns, bf16=cfg.eval.bf16, bf16_search=cfg.eval.bf16_search)
 
     # --------------------------------------------------------------- mining
     def _refresh(self, engine, gen: int, epoch: int, s: int, subset: np.ndarray, neg_cache):
@@ -406,7 +406,7 @@ class Trainer:
             for manifest, group in group_by_manifest(self.test_sets):
                 tables.update(evaluate_splits(net, net.output_dim, manifest, group, cfg.data, self.device,
                                               cfg.eval.recall_ns, pca=pca, bf16=cfg.eval.bf16,
-                                              on_topk=draw))
+                                              on_topk=draw, bf16_search=cfg.eval.bf16_search))
         return tables, pca_path
 
     def _report_untrained(self, net) -> None:
