@@ -161,8 +161,9 @@ class MiningConfig:
     lam: float = 0.1
     """Weight of the original distance in the re-ranked distance."""
     bf16_search: Union[bool, str] = "auto"
-    """bf16 candidate search with exact fp32 re-scoring of the short list: true, false or auto
-    (on where the CPU computes bf16 natively and faiss has no GPU; see sfrs_dist/precision.py)."""
+    """bf16 candidate search of the kNN graph on the rank's device, exact fp32 re-scoring of the
+    short list: true, false or auto (on where that device computes bf16 natively and faiss has
+    no GPU; see sfrs_dist/precision.py)."""
 
     def __post_init__(self) -> None:
         for name in ("cache_subset_size", "neg_pool", "num_negatives", "difficult_candidates", "k1", "k2"):

@@ -216,6 +216,19 @@ def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     return t
 
 
+def gather_tensor(t: torch.Tensor, dst: int = 0) -> Optional[List[torch.Tensor]]:
+    """Every rank's ``t`` (same shape and dtype everywhere), indexed by rank, on rank ``dst``; None elsewhere.
+
+    Only ``dst`` receives. ``t`` must live on ``collective_device()``. ``[t]`` when not distributed.
+    """
+    check_collective_tensor(t, "gather_tensor")
+    if not is_distributed():
+        return [t]
+    out = [torch.empty_like(t) for _ in range(get_world_size())] if get_rank() == dst else None
+    dist.gather(t, out, dst=dst)
+    return out
+
+
 def all_reduce_int_sum(value: int) -> int:
     """Sum of an integer over all ranks, through a tensor on the collective device."""
     return int(all_reduce_sum(collective_tensor([int(value)], torch.int64)).cpu()[0])

@@ -10,11 +10,9 @@ values are kept; ``auto`` takes the value a resumed run started with (its saved
   elsewhere. ``fp16`` is never chosen (it needs loss scaling; ask for it explicitly).
 - ``eval.bf16`` (bf16 extraction autocast): on when the extraction device computes bf16
   natively.
-- ``eval.bf16_search`` (the bf16 candidate search of evaluation, torch matmuls on the rank's
-  device): on when that device computes bf16 natively and faiss has no GPU (with GPUs the
-  exact faiss GPU search is kept).
-- ``mining.bf16_search`` (a CPU matmul): on when the CPU computes bf16 natively and faiss has
-  no GPU.
+- ``eval.bf16_search`` and ``mining.bf16_search`` (the bf16 candidate searches of evaluation
+  and of the mining kNN graph, torch matmuls on the rank's device): on when that device
+  computes bf16 natively and faiss has no GPU (with GPUs the exact faiss GPU search is kept).
 
 A CUDA device with a faiss that sees no GPU (faiss-cpu installed on a GPU node) is warned
 about: exact searches and the mining kNN then run on the CPU.
@@ -99,12 +97,11 @@ def device_native_bf16(hw: Hardware) -> bool:
 def choose(train: str, eval_bf16: Flag, search_bf16: Flag, hw: Hardware,
            eval_search_bf16: Flag = AUTO) -> PrecisionChoice:
     """Resolve the ``auto`` settings among the four for hardware ``hw`` (explicit values win)."""
-    cpu_search = cpu_native_bf16(hw.cpu_flags) and hw.faiss_gpus == 0
     device_search = device_native_bf16(hw) and hw.faiss_gpus == 0  # on the rank's device
     auto_train = "bf16" if device_native_bf16(hw) else "fp32"
     values = (auto_train if train == AUTO else train,
               device_native_bf16(hw) if eval_bf16 == AUTO else bool(eval_bf16),
-              cpu_search if search_bf16 == AUTO else bool(search_bf16),
+              device_search if search_bf16 == AUTO else bool(search_bf16),
               device_search if eval_search_bf16 == AUTO else bool(eval_search_bf16))
     sources = tuple("hardware" if v == AUTO else "explicit" for v in (train, eval_bf16, search_bf16, eval_search_bf16))
     return PrecisionChoice(values[0], values[1], values[2], sources, hw.describe(), values[3])

@@ -27,15 +27,15 @@ def test_avx2_only_cpu_chooses_fp32():
 def test_cuda_with_bf16_chooses_bf16_training():
     c = choose("auto", "auto", "auto", Hardware("cuda", AVX2_CPU, (8, 0)))
     assert c.train == "bf16"
-    # bf16 extraction and the evaluation's bf16 search on the GPU; the mining's bf16 search runs on this CPU
-    assert (c.eval_bf16, c.eval_search_bf16, c.search_bf16) == (True, True, False)
+    # bf16 extraction and both bf16 searches on the GPU, whatever this CPU computes
+    assert (c.eval_bf16, c.eval_search_bf16, c.search_bf16) == (True, True, True)
     c = choose("auto", "auto", "auto", Hardware("cuda", AMX_CPU, (9, 0), faiss_gpus=1))
     # exact faiss GPU searches kept; bf16 extraction no longer tied to them
     assert (c.train, c.eval_bf16, c.search_bf16, c.eval_search_bf16) == ("bf16", True, False, False)
     c = choose("auto", "auto", "auto", Hardware("cuda", AMX_CPU, (9, 0)))
     assert (c.train, c.eval_bf16, c.search_bf16, c.eval_search_bf16) == ("bf16", True, True, True)
     c = choose("auto", "auto", "auto", Hardware("cuda", AMX_CPU, (7, 0)), "auto")  # V100: no bf16 on the GPU
-    assert (c.eval_bf16, c.eval_search_bf16, c.search_bf16) == (False, False, True)
+    assert (c.eval_bf16, c.eval_search_bf16, c.search_bf16) == (False, False, False)
     assert choose("auto", "auto", "auto", Hardware("cuda", AMX_CPU, (7, 0))).train == "fp32"  # V100: no bf16
 
 

@@ -18,7 +18,6 @@ from typing import Optional, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from .. import distributed as du
 from .pca import PCAWhitening, broadcast_pca, fit_pca
@@ -54,13 +53,10 @@ def gather_sample(positions: np.ndarray, rows: np.ndarray, sample: np.ndarray, d
         send_pos[:len(pos)] = torch.from_numpy(pos).to(device)
         send = torch.zeros((most, dim), dtype=torch.float32, device=device)
         send[:len(pos)] = torch.from_numpy(mine).to(device)
-        me = du.get_rank() == dst
-        recv_pos = [torch.empty_like(send_pos) for _ in counts] if me else None
-        recv = [torch.empty_like(send) for _ in counts] if me else None
-        dist.gather(send_pos, recv_pos, dst=dst)
-        dist.gather(send, recv, dst=dst)
+        recv_pos = du.gather_tensor(send_pos, dst)
+        recv = du.gather_tensor(send, dst)
         del send
-        if not me:
+        if recv is None:
             return None
         parts = [(p[:c].cpu().numpy(), r[:c]) for p, r, c in zip(recv_pos, recv, counts)]
         del recv

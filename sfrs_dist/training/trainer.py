@@ -260,7 +260,7 @@ class Trainer:
         t1 = time.time()
         nq = len(self.train.q_keys)
         items = ShardedItems(np.concatenate([q_ids, nq + db_ids]), np.concatenate([q_rows, db_rows]),
-                             nq + len(self.train.db_keys))
+                             nq + len(self.train.db_keys), device=self.device)  # bf16 search on the device
         del q_rows, db_rows
         rng = np.random.default_rng(seed_for(cfg.train.seed, gen, epoch, s, 1))
         res = mine_subset(subset, items, nq, self.train.train_pos, self.neg_sampler, neg_cache, gen, rng, cfg.mining)
