@@ -51,11 +51,11 @@ ROWS = [("pitts30k_test", "all"), ("tokyo247_test", "all"), ("tokyo247_test", "d
         ("tokyo247_test", "sunset"), ("tokyo247_test", "night")]
 # Every variant runs the demo recipe in float32 throughout, as the reference computes (the demo
 # itself extracts in bf16 where the CPU has it); each variant changes one thing.
-FP32 = ["train.precision=fp32", "eval.bf16=false", "mining.bf16_search=false"]
+FP32 = ["train.precision=fp32", "eval.bf16=false", "eval.bf16_search=false", "mining.bf16_search=false"]
 VARIANTS = {
     "cached": FP32,                                      # the system's teacher: one cached pass per generation
     "online": FP32 + ["train.teacher=online"],           # the reference's teacher: forwarded on every batch
-    "bf16": ["train.precision=bf16", "eval.bf16=true", "mining.bf16_search=true"],  # cached teacher, bf16
+    "bf16": ["train.precision=bf16", "eval.bf16=true", "eval.bf16_search=true", "mining.bf16_search=true"],  # cached teacher, bf16
 }
 
 

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional
 from sfrs_dist import distributed as du
 from sfrs_dist.config import ConfigError, load_config_for_launch
 from sfrs_dist.data.test_sets import group_by_manifest, locate_splits
+from sfrs_dist.device_check import DeviceUnusable, resolve_device
 from sfrs_dist.evaluation.checkpoints import NoNetworkError, load_for_eval
 from sfrs_dist.evaluation.export import save_split_descriptors
 from sfrs_dist.evaluation.paper_table import paper_table
@@ -82,13 +83,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if cfg is None:
         return 2
     try:
+        device = resolve_device(cfg.run.device, du.get_local_rank())
         ckpts = expand(args.checkpoint)
         located = locate_splits(cfg.data, args.sets or cfg.data.test_sets)
-    except (FileNotFoundError, ConfigError) as exc:
+    except (FileNotFoundError, ConfigError, DeviceUnusable) as exc:
         if du.launch_rank() == 0:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"{'device error' if isinstance(exc, DeviceUnusable) else 'error'}: {exc}", file=sys.stderr)
         return 2
-    info = du.init_distributed(timeout_s=cfg.run.dist_timeout_s)
+    info = du.init_distributed(timeout_s=cfg.run.dist_timeout_s, device=device)
     setup_logging()
     cfg, precision = resolve_config(cfg, info.device)  # eval.bf16 auto
     log_choice(precision)
@@ -110,7 +112,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         where = save_split_descriptors(Path(args.save_descriptors) / labels[ck], manifest, sid, db, q)
                         log.info("%s: descriptors written to %s", sid, where)
                 tables.update(evaluate_splits(net, net.output_dim, manifest, group, cfg.data, info.device,
-                                              cfg.eval.recall_ns, pca=pca, bf16=cfg.eval.bf16, on_descriptors=save))
+                                              cfg.eval.recall_ns, pca=pca, bf16=cfg.eval.bf16, on_descriptors=save,
+                                              bf16_search=cfg.eval.bf16_search))
             tables = {sid: tables[sid] for sid in located}  # the listed order
             rows[labels[ck]] = tables
             results[ck] = {sid: {"recall": {c: {str(n): v for n, v in row.items()} for c, row in t.items()},

@@ -13,6 +13,7 @@ from sfrs_dist.config import ConfigError, check_resume, load_config_for_launch
 from sfrs_dist.data.test_sets import locate_splits
 from sfrs_dist.evaluation.paper_table import paper_table
 from sfrs_dist.evaluation.protocols import protocol_note
+from sfrs_dist.device_check import DeviceUnusable, resolve_device
 from sfrs_dist.logging_utils import setup_logging
 from sfrs_dist.precision import apply_choice, log_choice, resolve_config, saved_run_config
 from sfrs_dist.tracking import default_tracking_uri
@@ -43,9 +44,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if cfg is None:
         return 2
     try:  # before any process group: every rank stops with one message
+        device = resolve_device(cfg.run.device, du.get_local_rank())
+    except DeviceUnusable as exc:
+        if du.launch_rank() == 0:
+            print(f"device error: {exc}", file=sys.stderr)
+        return 2
+    try:
         has_checkpoints = latest_checkpoint(Path(cfg.run.out_dir) / "checkpoints") is not None
         # 'auto' precision: a resumed run keeps its own, a new one follows the hardware
-        cfg, precision = resolve_config(cfg, du.default_device(),
+        cfg, precision = resolve_config(cfg, device,
                                         saved=saved_run_config(cfg, cfg.run.out_dir, has_checkpoints))
         check_resume(cfg, cfg.run.out_dir, has_checkpoints)
         locate_splits(cfg.data, cfg.data.test_sets)
@@ -53,7 +60,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if du.launch_rank() == 0:
             print(f"config error: {exc}", file=sys.stderr)
         return 2
-    info = du.init_distributed(timeout_s=cfg.run.dist_timeout_s)
+    info = du.init_distributed(timeout_s=cfg.run.dist_timeout_s, device=device)
     setup_logging()
     log.info("command: %s", " ".join(sys.argv))
     log.info("world size %d, backend %s, device %s", info.world_size, info.backend, info.device)

@@ -179,8 +179,9 @@ class MiningConfig:
     lam: float = 0.1
     """Weight of the original distance in the re-ranked distance."""
     bf16_search: Union[bool, str] = "auto"
-    """bf16 candidate search with exact fp32 re-scoring of the short list: true, false or auto
-    (on where the CPU computes bf16 natively and faiss has no GPU; see sfrs_dist/precision.py)."""
+    """bf16 candidate search of the kNN graph on the rank's device, exact fp32 re-scoring of the
+    short list: true, false or auto (on where that device computes bf16 natively and faiss has
+    no GPU; see sfrs_dist/precision.py)."""
 
     def __post_init__(self) -> None:
         for name in ("cache_subset_size", "neg_pool", "num_negatives", "difficult_candidates", "k1", "k2"):
@@ -251,16 +252,22 @@ class EvalConfig:
     pca_samples: int = 10000
     """Training descriptors the PCA is fitted on."""
     bf16: Union[bool, str] = "auto"
-    """bf16 autocast for extraction and candidate search (fp32 path stays exact): true, false or
-    auto (on where the device and the CPU compute bf16 natively and faiss has no GPU)."""
+    """bf16 autocast of the extraction passes (mining refresh, validation, test, PCA): true, false
+    or auto (on where the extraction device computes bf16 natively)."""
     test_untrained: bool = False
     """Also test the untrained network (backbone weights + NetVLAD init) before generation 0:
     the off-the-shelf baseline, logged to the parent run as ``untrained/...``."""
+    bf16_search: Union[bool, str] = "auto"
+    """bf16 candidate search of evaluation on the rank's device, exact fp32 re-scoring of the
+    short list (instead of faiss): true, false or auto (on where that device computes bf16
+    natively and faiss has no GPU)."""
 
     def __post_init__(self) -> None:
         _check(all(n > 0 for n in self.recall_ns), "eval.recall_ns must be positive")
         _check(self.pca_dim >= 0, "eval.pca_dim must be >= 0")
         _check(_is_auto_flag(self.bf16), f"eval.bf16 must be true, false or auto, got {self.bf16!r}")
+        _check(_is_auto_flag(self.bf16_search),
+               f"eval.bf16_search must be true, false or auto, got {self.bf16_search!r}")
 
 
 @dataclass
@@ -281,9 +288,13 @@ class RunConfig:
     """auto (latest checkpoint in out_dir if any), none, or a checkpoint path."""
     dist_timeout_s: float = 900.0
     """Timeout of every collective: a failed rank stops the job instead of hanging."""
+    device: str = "auto"
+    """auto (the local rank's GPU when torch can use one, the CPU on a node without GPUs; GPUs
+    that torch cannot use stop the job with the fix named), cuda (a GPU required) or cpu (on purpose)."""
 
     def __post_init__(self) -> None:
         _check(self.dist_timeout_s > 0, "run.dist_timeout_s must be > 0")
+        _check(self.device in ("auto", "cuda", "cpu"), f"run.device must be auto, cuda or cpu, got {self.device!r}")
 
 
 @dataclass

@@ -72,19 +72,21 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0) -> DistInfo:
+def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0,
+                     device: Optional[torch.device] = None) -> DistInfo:
     """Initialise the default process group from torchrun's environment variables.
 
     Without ``WORLD_SIZE`` in the environment (plain ``python``), nothing is initialised and
     a single-process ``DistInfo`` is returned. ``timeout_s`` bounds every collective so a
-    failed rank makes the job fail instead of hanging.
+    failed rank makes the job fail instead of hanging. ``device`` (default
+    ``default_device()``) decides the backend: NCCL for CUDA, gloo for the CPU.
     """
-    device = default_device()
+    device = default_device() if device is None else torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and not is_distributed():
-        backend = backend or default_backend()
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
         timeout = datetime.timedelta(seconds=timeout_s)
         rank = int(os.environ["RANK"])
         dist.init_process_group(backend=backend, store=_job_store(rank, world_size, timeout), rank=rank,
@@ -214,6 +216,19 @@ def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     return t
 
 
+def gather_tensor(t: torch.Tensor, dst: int = 0) -> Optional[List[torch.Tensor]]:
+    """Every rank's ``t`` (same shape and dtype everywhere), indexed by rank, on rank ``dst``; None elsewhere.
+
+    Only ``dst`` receives. ``t`` must live on ``collective_device()``. ``[t]`` when not distributed.
+    """
+    check_collective_tensor(t, "gather_tensor")
+    if not is_distributed():
+        return [t]
+    out = [torch.empty_like(t) for _ in range(get_world_size())] if get_rank() == dst else None
+    dist.gather(t, out, dst=dst)
+    return out
+
+
 def all_reduce_int_sum(value: int) -> int:
     """Sum of an integer over all ranks, through a tensor on the collective device."""
     return int(all_reduce_sum(collective_tensor([int(value)], torch.int64)).cpu()[0])
@@ -222,9 +237,10 @@ def all_reduce_int_sum(value: int) -> int:
 def broadcast_array(arr: Optional[np.ndarray], src: int, dtype: Any = np.float32) -> np.ndarray:
     """Rank ``src``'s 2-d ``arr`` on every rank (other ranks pass ``None``): its shape first, then its rows.
 
-    Both travel as tensors on ``collective_device()`` (through a CUDA copy under NCCL). ``src``
-    gets its own array back, the others a new CPU array of ``dtype``. Identity when not
-    distributed. A collective: every rank calls it with the same ``src``.
+    Both travel as tensors on ``collective_device()``: under NCCL the sender copies its rows to
+    its GPU and the receivers receive straight into a buffer allocated on theirs. ``src`` gets
+    its own array back, the others a new CPU array of ``dtype``. Identity when not distributed.
+    A collective: every rank calls it with the same ``src``.
     """
     mine = get_rank() == src
     if mine:
@@ -239,7 +255,9 @@ def broadcast_array(arr: Optional[np.ndarray], src: int, dtype: Any = np.float32
     if rows * cols == 0:
         return arr if mine else np.empty((rows, cols), dtype=dtype)
     device = collective_device()
-    buf = torch.from_numpy(arr if mine else np.empty((rows, cols), dtype=dtype))
-    t = buf.to(device)  # the same memory on CPU
+    if mine:
+        t = torch.from_numpy(arr).to(device)  # the same memory on CPU
+    else:
+        t = torch.empty((rows, cols), dtype=torch.from_numpy(np.empty(0, dtype=dtype)).dtype, device=device)
     broadcast_tensor(t, src)
     return arr if mine else t.cpu().numpy()

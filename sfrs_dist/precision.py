@@ -1,18 +1,21 @@
 """``auto`` precision: reduced precision where the hardware computes it natively, fp32 elsewhere.
 
-Three settings accept ``auto`` (their default): ``train.precision``, ``eval.bf16`` and
-``mining.bf16_search``. A job resolves them once at start (``resolve_config``): explicit
+Four settings accept ``auto`` (their default): ``train.precision``, ``eval.bf16``,
+``mining.bf16_search`` and ``eval.bf16_search``. A job resolves them once at start (``resolve_config``): explicit
 values are kept; ``auto`` takes the value a resumed run started with (its saved
 ``config.yaml``), otherwise what ``choose`` decides from the hardware ``probe``:
 
 - ``train.precision``: ``bf16`` on a CUDA device of compute capability 8.0 or newer
   (Ampere+) or on a CPU whose flags report ``amx_bf16`` or ``avx512_bf16``; ``fp32``
   elsewhere. ``fp16`` is never chosen (it needs loss scaling; ask for it explicitly).
-- ``eval.bf16`` (bf16 extraction autocast *and* the bf16 candidate search of evaluation,
-  a CPU matmul): on when the extraction device computes bf16 natively, the CPU does too,
-  and faiss has no GPU (with GPUs the exact faiss GPU search is kept).
-- ``mining.bf16_search`` (a CPU matmul as well): on when the CPU computes bf16 natively
-  and faiss has no GPU.
+- ``eval.bf16`` (bf16 extraction autocast): on when the extraction device computes bf16
+  natively.
+- ``eval.bf16_search`` and ``mining.bf16_search`` (the bf16 candidate searches of evaluation
+  and of the mining kNN graph, torch matmuls on the rank's device): on when that device
+  computes bf16 natively and faiss has no GPU (with GPUs the exact faiss GPU search is kept).
+
+A CUDA device with a faiss that sees no GPU (faiss-cpu installed on a GPU node) is warned
+about: exact searches and the mining kNN then run on the CPU.
 
 ``choose`` is pure (device type, CPU flags, CUDA capability, faiss GPU count in; the
 choice out); ``probe`` reads them from the machine.
@@ -62,18 +65,23 @@ class PrecisionChoice:
     train: str
     eval_bf16: bool
     search_bf16: bool
-    sources: Tuple[str, str, str]
+    sources: Tuple[str, ...]
     hardware: str
+    eval_search_bf16: bool = False
 
     def params(self) -> Dict[str, str]:
         """MLflow params of the choice."""
         return {"precision.train": self.train, "precision.eval_bf16": str(self.eval_bf16),
-                "precision.search_bf16": str(self.search_bf16), "precision.sources": ",".join(self.sources),
+                "precision.search_bf16": str(self.search_bf16),
+                "precision.eval_search_bf16": str(self.eval_search_bf16), "precision.sources": ",".join(self.sources),
                 "precision.hardware": self.hardware}
 
     def describe(self) -> str:
-        return (f"train.precision {self.train} ({self.sources[0]}), eval.bf16 {self.eval_bf16} ({self.sources[1]}), "
-                f"mining.bf16_search {self.search_bf16} ({self.sources[2]}); hardware: {self.hardware}")
+        out = (f"train.precision {self.train} ({self.sources[0]}), eval.bf16 {self.eval_bf16} ({self.sources[1]}), "
+               f"mining.bf16_search {self.search_bf16} ({self.sources[2]})")
+        if len(self.sources) > 3:
+            out += f", eval.bf16_search {self.eval_search_bf16} ({self.sources[3]})"
+        return out + f"; hardware: {self.hardware}"
 
 
 def cpu_native_bf16(cpu_flags: Iterable[str]) -> bool:
@@ -86,16 +94,17 @@ def device_native_bf16(hw: Hardware) -> bool:
     return cpu_native_bf16(hw.cpu_flags)
 
 
-def choose(train: str, eval_bf16: Flag, search_bf16: Flag, hw: Hardware) -> PrecisionChoice:
-    """Resolve the ``auto`` settings among the three for hardware ``hw`` (explicit values win)."""
-    cpu_search = cpu_native_bf16(hw.cpu_flags) and hw.faiss_gpus == 0
+def choose(train: str, eval_bf16: Flag, search_bf16: Flag, hw: Hardware,
+           eval_search_bf16: Flag = AUTO) -> PrecisionChoice:
+    """Resolve the ``auto`` settings among the four for hardware ``hw`` (explicit values win)."""
+    device_search = device_native_bf16(hw) and hw.faiss_gpus == 0  # on the rank's device
     auto_train = "bf16" if device_native_bf16(hw) else "fp32"
-    auto_eval = device_native_bf16(hw) and cpu_search
     values = (auto_train if train == AUTO else train,
-              auto_eval if eval_bf16 == AUTO else bool(eval_bf16),
-              cpu_search if search_bf16 == AUTO else bool(search_bf16))
-    sources = tuple("hardware" if v == AUTO else "explicit" for v in (train, eval_bf16, search_bf16))
-    return PrecisionChoice(values[0], values[1], values[2], sources, hw.describe())
+              device_native_bf16(hw) if eval_bf16 == AUTO else bool(eval_bf16),
+              device_search if search_bf16 == AUTO else bool(search_bf16),
+              device_search if eval_search_bf16 == AUTO else bool(eval_search_bf16))
+    sources = tuple("hardware" if v == AUTO else "explicit" for v in (train, eval_bf16, search_bf16, eval_search_bf16))
+    return PrecisionChoice(values[0], values[1], values[2], sources, hw.describe(), values[3])
 
 
 def read_cpu_flags(path: str = "/proc/cpuinfo") -> Tuple[str, ...]:
@@ -137,11 +146,16 @@ def resolve_config(cfg, device: torch.device, saved=None, hardware: Optional[Har
     ``saved``: the config a resumed run started with; its resolved values win over ``auto``
     so a run keeps its precision across restarts. ``hardware`` defaults to ``probe(device)``.
     """
-    requested = (cfg.train.precision, cfg.eval.bf16, cfg.mining.bf16_search)
-    old = (saved.train.precision, saved.eval.bf16, saved.mining.bf16_search) if saved is not None else (None,) * 3
+    requested = (cfg.train.precision, cfg.eval.bf16, cfg.mining.bf16_search, cfg.eval.bf16_search)
+    old = ((saved.train.precision, saved.eval.bf16, saved.mining.bf16_search, saved.eval.bf16_search)
+           if saved is not None else (None,) * 4)
     adopted = [_adopt(v, o) for v, o in zip(requested, old)]
     hw = hardware if hardware is not None else probe(device)
-    choice = choose(*(v for v, _ in adopted), hw)
+    if hw.device_type == "cuda" and hw.faiss_gpus == 0:
+        log.warning("the device is CUDA but faiss sees no GPU (faiss-cpu installed on a GPU node?): exact "
+                    "searches and the mining kNN run on the CPU; install faiss-gpu with SFRS_GPU=1 source launch/env.sh")
+    v = [a for a, _ in adopted]
+    choice = choose(v[0], v[1], v[2], hw, v[3])
     sources = tuple("resumed run" if a else s for (_, a), s in zip(adopted, choice.sources))
     choice = dataclasses.replace(choice, sources=sources)
     return apply_choice(cfg, choice), choice
@@ -150,7 +164,8 @@ def resolve_config(cfg, device: torch.device, saved=None, hardware: Optional[Har
 def apply_choice(cfg, choice: PrecisionChoice):
     """``cfg`` with the three settings of ``choice``."""
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=choice.train),
-                               eval=dataclasses.replace(cfg.eval, bf16=choice.eval_bf16),
+                               eval=dataclasses.replace(cfg.eval, bf16=choice.eval_bf16,
+                                                        bf16_search=choice.eval_search_bf16),
                                mining=dataclasses.replace(cfg.mining, bf16_search=choice.search_bf16))
 
 
@@ -175,7 +190,7 @@ def search_bf16(value: Flag) -> bool:
 
 
 def is_resolved(cfg) -> bool:
-    return AUTO not in (cfg.train.precision, cfg.eval.bf16, cfg.mining.bf16_search)
+    return AUTO not in (cfg.train.precision, cfg.eval.bf16, cfg.mining.bf16_search, cfg.eval.bf16_search)
 
 
 def log_choice(choice: PrecisionChoice) -> None:

@@ -90,7 +90,7 @@ def test_pitts30k_reference_values_match_design():
     assert cfg.train.batch_size == 1 and cfg.train.max_steps_per_epoch == 0
     # float32 as the reference computes (the system default stays auto: tests/test_config.py)
     assert (cfg.train.engine, cfg.train.precision) == ("ddp", "fp32")
-    assert cfg.eval.bf16 is False
+    assert cfg.eval.bf16 is False and cfg.eval.bf16_search is False
     default = Config()
     assert (default.train.precision, default.eval.bf16, default.mining.bf16_search) == ("auto", "auto", "auto")
     # losses

@@ -210,14 +210,20 @@ def test_regions_at_small_size(name, layer, channels, stride):
 
 def test_gradient_checkpointing_with_relu6():
     torch.manual_seed(0)
-    net = build_model("efficientnet_lite0", weights=None, num_clusters=4, trainable="stage4").train()
+    # stage2 on trained: of 6 children in 4 segments, the first 3 are checkpointed (frozen
+    # ones need no recompute), the rest runs plainly
+    net = build_model("efficientnet_lite0", weights=None, num_clusters=4, trainable="stage2").train()
     x = torch.randn(2, 3, 64, 64) * 60
 
     def run(flag):
         net.set_checkpointing(flag)
         net.zero_grad()
+        calls = []
+        hook = net.backbone.stage2[0].conv_pw.register_forward_hook(lambda *_: calls.append(1))
         out = net(x, regions=True)
         out.sum().backward()
+        hook.remove()
+        assert len(calls) == (2 if flag else 1)  # stage2 re-runs in the backward pass when checkpointing
         return out.detach(), net.backbone.stage5[0].conv_pw.weight.grad.clone()
 
     (o1, g1), (o2, g2) = run(False), run(True)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-CASES = [("smallcnn", None, 1), ("smallcnn", None, 2), ("resnet18", "layer3", 1)]
+CASES = [("smallcnn", None, 0), ("smallcnn", None, 1), ("smallcnn", None, 2), ("resnet18", "layer3", 1)]
 
 
 def _free_port() -> int:
@@ -66,6 +66,14 @@ def _case(rank: int, out: Path, backbone: str, layer, stage: int) -> dict:
     # float32 masters / float32 frozen weights, not their bf16 casts
     res["fp32_exact"] = sum(bool((v != v.bfloat16().float()).any()) for v in model.values() if v.is_floating_point())
     res["tag_dir"] = (deepspeed_dir(out) / payload["deepspeed_tag"]).is_dir()
+    res["comm_dtype"] = str(engine.model.communication_data_type)
+    # every trained weight saved is its float32 master, not the module's bf16 cast
+    trained = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    res["trained_rounded"] = sum(bool(torch.equal(model[n], p.detach().float())) for n, p in trained)
+    if stage == 0:  # the masters are the tensors the torch SGD inside DeepSpeed's wrapper steps
+        masters = [q for g in engine.optimizer.optimizer.param_groups for q in g["params"]]
+        res["stage0_masters_equal"] = (len(masters) == len(trained) and all(
+            q.dtype == torch.float32 and torch.equal(model[n], q.detach().cpu()) for (n, _), q in zip(trained, masters)))
     # the extraction network takes float32 images and holds the float32 weights
     net = engine.eval_network().eval()
     with torch.no_grad():
@@ -112,6 +120,8 @@ def test_deepspeed_bf16_steps_fp32_checkpoint_and_resume(results, case):
         assert r["dtypes"] == ["torch.float32", "torch.int64"]
         assert r["fp32_exact"] > 0
         assert r["tag_dir"] and r["eval_dtype"] == "torch.float32" and r["eval_matches_ckpt"]
+        assert r["trained_rounded"] == 0 and r.get("stage0_masters_equal", True)
+        assert r["comm_dtype"] == "torch.float32"  # gradients averaged in float32, as DDP
         # the resumed engine continues exactly where the first one went on
         assert r["resumed_losses"] == r["losses"][2:]
         assert r["resume_max_diff"] == 0.0

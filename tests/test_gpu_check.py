@@ -25,6 +25,16 @@ def test_without_cuda_every_item_skips_and_exits_0():
     assert all(line.startswith("SKIP ") and "no CUDA device" in line for line in lines)
 
 
+def test_acceptance_items_skip_too_without_cuda():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--acceptance"], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.split(" ", 1)[0] in ("PASS", "FAIL", "SKIP")]
+    assert [line.split()[1].rstrip(":") for line in lines] == ITEMS + [
+        "ddp_two_generations", "deepspeed_zero2_bf16", "kill_and_resume", "rank_agreement", "real_size_slice"]
+    assert all(line.startswith("SKIP ") for line in lines)
+
+
 def test_asking_for_cuda_without_it_fails():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cuda"], capture_output=True, text=True,
                           timeout=120, cwd=REPO)

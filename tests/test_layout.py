@@ -23,7 +23,7 @@ from typing import Dict, List, Set, Tuple
 
 PKG = Path(__file__).resolve().parent.parent / "sfrs_dist"
 STAGES = {
-    "distributed": 0.0, "config": 0.1, "logging_utils": 0.1, "progress": 0.1, "checkpoint_io": 0.1, "precision": 0.2,
+    "distributed": 0.0, "cuda_builds": 0.0, "device_check": 0.05, "config": 0.1, "logging_utils": 0.1, "progress": 0.1, "checkpoint_io": 0.1, "precision": 0.2,
     "data": 1,
     "losses": 2.0, "models": 2.1,
     "extraction": 3,

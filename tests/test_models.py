@@ -383,12 +383,18 @@ def test_gradient_checkpointing_gives_same_outputs_and_grads():
     ckpt = small_model(checkpointing=True).train()
     ckpt.load_state_dict(plain.state_dict())
     x = torch.randn(2, 3, 32, 32)
-    grads = []
+    grads, runs = [], []
     for model in (plain, ckpt):
+        calls = []
+        hook = model.backbone[0].register_forward_hook(lambda *_, calls=calls: calls.append(1))
         out = model(x, regions=True)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        hook.remove()
+        runs.append(len(calls))
         grads.append([p.grad.clone() for p in model.parameters()])
         outs = out.detach()
+    # the first segment's layers run again in the backward pass only when checkpointing
+    assert runs == [1, 2]
     torch.testing.assert_close(outs, plain(x, regions=True).detach())
     for ga, gb in zip(*grads):
         torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-5)

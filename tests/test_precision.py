@@ -14,8 +14,8 @@ AVX2_CPU = ("fpu", "sse4_2", "avx", "avx2", "fma")
 
 def test_amx_cpu_chooses_bf16():
     c = choose("auto", "auto", "auto", Hardware("cpu", AMX_CPU))
-    assert (c.train, c.eval_bf16, c.search_bf16) == ("bf16", True, True)
-    assert c.sources == ("hardware",) * 3 and "amx_bf16" in c.hardware
+    assert (c.train, c.eval_bf16, c.search_bf16, c.eval_search_bf16) == ("bf16", True, True, True)
+    assert c.sources == ("hardware",) * 4 and "amx_bf16" in c.hardware
     assert choose("auto", "auto", "auto", Hardware("cpu", ("avx512_bf16",))).train == "bf16"
 
 
@@ -27,20 +27,24 @@ def test_avx2_only_cpu_chooses_fp32():
 def test_cuda_with_bf16_chooses_bf16_training():
     c = choose("auto", "auto", "auto", Hardware("cuda", AVX2_CPU, (8, 0)))
     assert c.train == "bf16"
-    assert (c.eval_bf16, c.search_bf16) == (False, False)  # the bf16 candidate search runs on this CPU
+    # bf16 extraction and both bf16 searches on the GPU, whatever this CPU computes
+    assert (c.eval_bf16, c.eval_search_bf16, c.search_bf16) == (True, True, True)
     c = choose("auto", "auto", "auto", Hardware("cuda", AMX_CPU, (9, 0), faiss_gpus=1))
-    assert (c.train, c.eval_bf16, c.search_bf16) == ("bf16", False, False)  # exact faiss GPU search kept
+    # exact faiss GPU searches kept; bf16 extraction no longer tied to them
+    assert (c.train, c.eval_bf16, c.search_bf16, c.eval_search_bf16) == ("bf16", True, False, False)
     c = choose("auto", "auto", "auto", Hardware("cuda", AMX_CPU, (9, 0)))
-    assert (c.train, c.eval_bf16, c.search_bf16) == ("bf16", True, True)
+    assert (c.train, c.eval_bf16, c.search_bf16, c.eval_search_bf16) == ("bf16", True, True, True)
+    c = choose("auto", "auto", "auto", Hardware("cuda", AMX_CPU, (7, 0)), "auto")  # V100: no bf16 on the GPU
+    assert (c.eval_bf16, c.eval_search_bf16, c.search_bf16) == (False, False, False)
     assert choose("auto", "auto", "auto", Hardware("cuda", AMX_CPU, (7, 0))).train == "fp32"  # V100: no bf16
 
 
 def test_explicit_values_win():
     c = choose("fp32", False, False, Hardware("cpu", AMX_CPU))
     assert (c.train, c.eval_bf16, c.search_bf16) == ("fp32", False, False)
-    c = choose("fp16", True, True, Hardware("cuda", AVX2_CPU, (7, 5)))
-    assert (c.train, c.eval_bf16, c.search_bf16) == ("fp16", True, True)
-    assert c.sources == ("explicit",) * 3
+    c = choose("fp16", True, True, Hardware("cuda", AVX2_CPU, (7, 5)), True)
+    assert (c.train, c.eval_bf16, c.search_bf16, c.eval_search_bf16) == ("fp16", True, True, True)
+    assert c.sources == ("explicit",) * 4
 
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
@@ -67,9 +71,10 @@ def test_resolved_config_and_mlflow_params():
     cfg, choice = resolve_config(load_config(None), "cpu", hardware=Hardware("cpu", AMX_CPU))
     assert (cfg.train.precision, cfg.eval.bf16, cfg.mining.bf16_search) == ("bf16", True, True)
     params = choice.params()
-    assert params["precision.train"] == "bf16" and params["precision.sources"] == "hardware,hardware,hardware"
+    assert params["precision.train"] == "bf16" and params["precision.sources"] == "hardware,hardware,hardware,hardware"
+    assert cfg.eval.bf16_search is True and params["precision.eval_search_bf16"] == "True"
     again, same = resolve_config(cfg, "cpu", hardware=Hardware("cpu", AVX2_CPU))  # resolved: nothing left to do
-    assert again == cfg and same.sources == ("explicit",) * 3
+    assert again == cfg and same.sources == ("explicit",) * 4
 
 
 def _run_dir(tmp_path, saved: dict):
@@ -95,7 +100,7 @@ def test_resumed_run_keeps_its_precision(tmp_path, saved, hw, expect):
     cfg = load_config(None, [f"run.out_dir={run}"])  # 'auto' everywhere
     resolved, choice = resolve_config(cfg, "cpu", saved=saved_run_config(cfg, run, True), hardware=Hardware("cpu", hw))
     assert (resolved.train.precision, resolved.eval.bf16, resolved.mining.bf16_search) == expect
-    assert choice.sources == ("resumed run",) * 3
+    assert choice.sources == ("resumed run",) * 3 + ("hardware",)  # saved before eval.bf16_search existed
     check_resume(resolved, run, True)  # no conflict
 
 

@@ -175,7 +175,15 @@ def test_dense_graph_is_exact():
         s = x.astype(np.float64) @ x.T.astype(np.float64)
         np.testing.assert_allclose(g.farthest, s.min(1), atol=1e-6)
         ref = np.lexsort((np.broadcast_to(np.arange(len(x)), s.shape), -s.astype(np.float32)), axis=1)[:, :K]
-        assert (g.ids == ref).all(1).mean() > 0.99
+        same = (g.ids == ref).all(1)
+        if not bf16:
+            assert same.all(), f"exact search differs from the float64 reference in {int((~same).sum())} rows"
+            continue
+        # bf16 candidates (re-scored in float32) may swap neighbours only at near-ties: at every
+        # position the exact score of the returned neighbour equals the reference's within bf16's step
+        rows = np.flatnonzero(~same)
+        got, want = np.take_along_axis(s[rows], g.ids[rows], 1), np.take_along_axis(s[rows], ref[rows], 1)
+        assert np.abs(got - want).max(initial=0.0) < 2 ** -8, "bf16 search swapped neighbours that are not near-ties"
 
 
 def test_sharded_store_rejects_bad_layouts():

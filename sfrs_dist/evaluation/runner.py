@@ -102,10 +102,12 @@ def recall_of_split(db: np.ndarray, q: np.ndarray, manifest: Manifest, sid: str,
 
 def sharded_split_topk(fn: Callable[[torch.Tensor], torch.Tensor], dim: int, manifest: Manifest, sid: str,
                        data: DataConfig, device: torch.device, k: int, pca: Optional[PCAWhitening] = None,
-                       bf16: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+                       bf16: bool = False, bf16_search: Optional[bool] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Top-``k`` (scores, database ids in manifest order) of every query, database kept sharded.
 
-    A collective; every rank returns the same arrays. ``pca`` must be the same on every rank.
+    ``bf16``: extraction autocast; ``bf16_search`` (default: ``bf16``): the bf16 candidate
+    search, on ``device``. A collective; every rank returns the same arrays. ``pca`` must be
+    the same on every rank.
     """
     name = manifest.splits[sid].name
     db_ids, db = extract_group_local(fn, dim, manifest, sid, "db", data, device, bf16=bf16)
@@ -115,7 +117,7 @@ def sharded_split_topk(fn: Callable[[torch.Tensor], torch.Tensor], dim: int, man
         db, q = pca.transform(db), pca.transform(q)
     q = gather_rows(q_ids, q, len(manifest.group_keys(f"{sid}_q")))
     log.debug("%s: searching %d database rows of this rank for %d queries, top %d", sid, len(db_ids), len(q), k)
-    return sharded_search_topk(db, db_ids, q, k, bf16=bf16)
+    return sharded_search_topk(db, db_ids, q, k, bf16=bf16 if bf16_search is None else bf16_search, device=device)
 
 
 def _same_pca_everywhere(pca: Optional[PCAWhitening]) -> Optional[PCAWhitening]:
@@ -136,12 +138,15 @@ def evaluate_splits(fn: Callable[[torch.Tensor], torch.Tensor], dim: int, manife
                     sids: Sequence[str], data: DataConfig, device: torch.device, ns: Sequence[int],
                     pca: Optional[PCAWhitening] = None, bf16: bool = False,
                     on_topk: Optional[Callable[[str, np.ndarray], None]] = None,
-                    shard_db: bool = True,
+                    shard_db: bool = True, bf16_search: Optional[bool] = None,
                     on_descriptors: Optional[Callable[[str, np.ndarray, np.ndarray], None]] = None,
                     ) -> Dict[str, Tuple[Table, Dict[str, int]]]:
     """Recall tables (and query counts) of several splits, on every rank.
 
     Args:
+        bf16: bf16 autocast of the extraction.
+        bf16_search: bf16 candidate search (exact re-scoring) on ``device`` instead of faiss
+            (default: ``bf16``).
         shard_db: keep the database descriptors sharded across ranks (the module docstring);
             False gathers them all on every rank and searches on rank 0. Same tables.
         on_descriptors: ``on_descriptors(sid, db, q)`` is called on rank 0 with each split's
@@ -156,19 +161,21 @@ def evaluate_splits(fn: Callable[[torch.Tensor], torch.Tensor], dim: int, manife
     shard_db = shard_db and on_descriptors is None
     if shard_db:
         pca = _same_pca_everywhere(pca)
+    search_bf16 = bf16 if bf16_search is None else bool(bf16_search)
     out: Dict[str, Tuple[Table, Dict[str, int]]] = {}
     for sid in sids:
         depth = search_depth(ns, is_spatial(manifest, sid))
         k = max(depth, DRAW_K) if on_topk is not None else depth
         if shard_db:
-            _, topk = sharded_split_topk(fn, dim, manifest, sid, data, device, k, pca=pca, bf16=bf16)
+            _, topk = sharded_split_topk(fn, dim, manifest, sid, data, device, k, pca=pca, bf16=bf16,
+                                         bf16_search=search_bf16)
         else:
             db, q = split_descriptors(fn, dim, manifest, sid, data, device, bf16)
             topk = None
             if du.is_main_process():
                 if pca is not None:
                     db, q = pca.transform(db), pca.transform(q)
-                _, topk = search_topk(db, q, k, bf16=bf16)
+                _, topk = search_topk(db, q, k, bf16=search_bf16, device=device)
                 if on_descriptors is not None:
                     on_descriptors(sid, db, q)
             del db, q

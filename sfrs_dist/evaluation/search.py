@@ -130,14 +130,19 @@ def _search_faiss(db: np.ndarray, queries: np.ndarray, k: int, use_gpu: bool,
 
 
 def _bf16_candidates(db: np.ndarray, queries: np.ndarray, kc: int, chunk: int,
-                     db_block: int) -> torch.Tensor:
-    """(Q, kc) database indices with the best bf16 scores, database converted block by block."""
+                     db_block: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """(Q, kc) database indices with the best bf16 scores, database converted block by block.
+
+    The matmuls run on ``device`` (default the CPU): the rank's GPU on a GPU node. Returns
+    a CPU tensor.
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
     n_q = queries.shape[0]
-    best_val = torch.full((n_q, kc), -float("inf"), dtype=torch.bfloat16)
-    best_idx = torch.zeros((n_q, kc), dtype=torch.int64)
-    q16 = torch.from_numpy(queries).to(torch.bfloat16)
+    best_val = torch.full((n_q, kc), -float("inf"), dtype=torch.bfloat16, device=device)
+    best_idx = torch.zeros((n_q, kc), dtype=torch.int64, device=device)
+    q16 = torch.from_numpy(queries).to(device).to(torch.bfloat16)
     for g0 in range(0, db.shape[0], db_block):
-        block_t = torch.from_numpy(db[g0:g0 + db_block]).to(torch.bfloat16).t()
+        block_t = torch.from_numpy(db[g0:g0 + db_block]).to(device).to(torch.bfloat16).t()
         for q0 in range(0, n_q, chunk):
             q1 = min(q0 + chunk, n_q)
             approx = q16[q0:q1] @ block_t
@@ -147,15 +152,16 @@ def _bf16_candidates(db: np.ndarray, queries: np.ndarray, kc: int, chunk: int,
             top = val.topk(kc, dim=1, sorted=False).indices
             best_val[q0:q1] = val.gather(1, top)
             best_idx[q0:q1] = idx.gather(1, top)
-    return best_idx
+    return best_idx.cpu()
 
 
 def _search_bf16(db: np.ndarray, queries: np.ndarray, k: int, margin: int, chunk: int,
-                 db_block: int = 8192, rescore_chunk: int = 64) -> Tuple[np.ndarray, np.ndarray]:
+                 db_block: int = 8192, rescore_chunk: int = 64,
+                 device: Optional[torch.device] = None) -> Tuple[np.ndarray, np.ndarray]:
     k_eff = min(k, db.shape[0])
     kc = min(k + margin, db.shape[0])
     with torch.no_grad():
-        cand = _bf16_candidates(db, queries, kc, chunk, db_block).numpy()
+        cand = _bf16_candidates(db, queries, kc, chunk, db_block, device).numpy()
     scores = np.empty((queries.shape[0], k_eff), dtype=np.float32)
     indices = np.empty((queries.shape[0], k_eff), dtype=np.int64)
     for r0 in range(0, queries.shape[0], rescore_chunk):
@@ -171,7 +177,7 @@ def _search_bf16(db: np.ndarray, queries: np.ndarray, k: int, margin: int, chunk
 
 def search_topk(db: np.ndarray, queries: np.ndarray, k: int, use_gpu: Union[str, bool] = "auto",
                 bf16: bool = False, chunk: int = 1024, margin: int | None = None,
-                ) -> Tuple[np.ndarray, np.ndarray]:
+                device: Optional[torch.device] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Best-first top-``k`` database images for every query by inner product.
 
     Args:
@@ -186,6 +192,7 @@ def search_topk(db: np.ndarray, queries: np.ndarray, k: int, use_gpu: Union[str,
             converts the database to bf16 in blocks of 8192 rows, so its extra memory is
             about ``8192 * (D + chunk) * 2`` bytes).
         margin: extra candidates kept by the bf16 path (default ``max(k, 32)``).
+        device: where the bf16 path's matmuls run (default the CPU; the rank's GPU on a GPU node).
 
     Returns:
         (scores, indices): (Q, k) float32 and (Q, k) int64, best first.
@@ -204,7 +211,7 @@ def search_topk(db: np.ndarray, queries: np.ndarray, k: int, use_gpu: Union[str,
         margin = max(k, 32) if margin is None else margin
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
-        scores, indices = _search_bf16(db, queries, k, margin, chunk)
+        scores, indices = _search_bf16(db, queries, k, margin, chunk, device=device)
     else:
         scores, indices = _search_faiss(db, queries, min(k, db.shape[0]), _resolve_gpu(use_gpu, k), chunk)
     return _pad(scores, indices, k)
@@ -245,7 +252,7 @@ def merge_topk(parts: Sequence[Tuple[np.ndarray, np.ndarray]], k: int) -> Tuple[
 
 def search_shard(db_rows: np.ndarray, global_ids: np.ndarray, queries: np.ndarray, k: int,
                  use_gpu: Union[str, bool] = "auto", bf16: bool = False,
-                 chunk: int = 1024) -> Tuple[np.ndarray, np.ndarray]:
+                 chunk: int = 1024, device: Optional[torch.device] = None) -> Tuple[np.ndarray, np.ndarray]:
     """``search_topk`` over one shard of the database, answered with global ids.
 
     ``db_rows[i]`` is database item ``global_ids[i]``. An empty shard answers padding only
@@ -258,13 +265,13 @@ def search_shard(db_rows: np.ndarray, global_ids: np.ndarray, queries: np.ndarra
     if global_ids.shape[0] == 0:
         return (np.full((queries.shape[0], k), -np.inf, dtype=np.float32),
                 np.full((queries.shape[0], k), -1, dtype=np.int64))
-    scores, local = search_topk(db_rows, queries, k, use_gpu=use_gpu, bf16=bf16, chunk=chunk)
+    scores, local = search_topk(db_rows, queries, k, use_gpu=use_gpu, bf16=bf16, chunk=chunk, device=device)
     return scores, np.where(local >= 0, global_ids[np.maximum(local, 0)], -1)
 
 
 def sharded_search_topk(db_rows: np.ndarray, global_ids: np.ndarray, queries: np.ndarray, k: int,
                         use_gpu: Union[str, bool] = "auto", bf16: bool = False,
-                        chunk: int = 1024) -> Tuple[np.ndarray, np.ndarray]:
+                        chunk: int = 1024, device: Optional[torch.device] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Top-``k`` of every query over a database whose rows are spread across the ranks.
 
     Each rank passes its own rows (``db_rows[i]`` is database item ``global_ids[i]``; the
@@ -275,5 +282,5 @@ def sharded_search_topk(db_rows: np.ndarray, global_ids: np.ndarray, queries: np
     ``(scores, ids)``. A collective: every rank calls it. Traffic: ``Q * k * 12`` bytes per
     rank; no rank holds more than its own database rows.
     """
-    local = search_shard(db_rows, global_ids, queries, k, use_gpu=use_gpu, bf16=bf16, chunk=chunk)
+    local = search_shard(db_rows, global_ids, queries, k, use_gpu=use_gpu, bf16=bf16, chunk=chunk, device=device)
     return merge_topk(all_gather_object(local), k)

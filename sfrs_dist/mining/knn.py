@@ -208,10 +208,10 @@ def _block_rows(d: int) -> int:
 _PAD = 16  # extra bf16 columns holding the two offset slots (rounded up for alignment)
 
 
-def _bf16_block(x: np.ndarray) -> torch.Tensor:
-    """bf16 copy of the rows of ``x`` with ``_PAD`` extra columns for offsets."""
-    out = torch.zeros((x.shape[0], x.shape[1] + _PAD), dtype=torch.bfloat16)
-    out[:, : x.shape[1]] = torch.from_numpy(x)
+def _bf16_block(x: np.ndarray, device: Optional[torch.device] = None) -> torch.Tensor:
+    """bf16 copy of the rows of ``x`` with ``_PAD`` extra columns for offsets, on ``device`` (default CPU)."""
+    out = torch.zeros((x.shape[0], x.shape[1] + _PAD), dtype=torch.bfloat16, device=device)
+    out[:, : x.shape[1]] = torch.from_numpy(np.ascontiguousarray(x)).to(out.device)
     return out
 
 
@@ -255,45 +255,50 @@ def _bf16_candidates(local_db: np.ndarray, queries: np.ndarray, kk: int) -> np.n
 
 
 def _bf16_search(local_db: np.ndarray, queries: np.ndarray, kk: int,
-                 floor: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+                 floor: Optional[np.ndarray] = None,
+                 device: Optional[torch.device] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Approximate scores and local ids of the ``kk`` best bf16 scores of every query (-1 pads).
 
     ``floor``: an estimate of each query's selection cut (e.g. from the blocks searched
     before); without it a first pass against the first database block estimates it. The
-    full pass then computes every block around that (running) estimate.
+    full pass then computes every block around that (running) estimate. The matmuls run on
+    ``device`` (default the CPU; the rank's GPU on a GPU node).
     """
+    dev = torch.device("cpu") if device is None else torch.device(device)
     q_n, (n, d) = queries.shape[0], local_db.shape
     block = _block_rows(d)
     if floor is None:
         phases = (0, 1)
-        cut = torch.full((q_n,), -float("inf"))
+        cut = torch.full((q_n,), -float("inf"), device=dev)
     else:
         phases = (1,)
-        cut = torch.from_numpy(np.asarray(floor, dtype=np.float32)).clone()
+        cut = torch.from_numpy(np.asarray(floor, dtype=np.float32)).to(dev).clone()
     for phase in phases:
-        best_s = torch.full((q_n, kk), -float("inf"))
-        best_i = torch.full((q_n, kk), -1, dtype=torch.int64)
+        best_s = torch.full((q_n, kk), -float("inf"), device=dev)
+        best_i = torch.full((q_n, kk), -1, dtype=torch.int64, device=dev)
         for c0 in range(0, n if phase else min(n, block), block):
             c1 = min(n, c0 + block)
-            db_b = _bf16_block(local_db[c0:c1])
-            zeros = torch.zeros(c1 - c0)
+            db_b = _bf16_block(local_db[c0:c1], dev)
+            zeros = torch.zeros(c1 - c0, device=dev)
             for q0 in range(0, q_n, block):
                 q1 = min(q_n, q0 + block)
-                a = _cut_estimate(best_s[q0:q1], cut[q0:q1]) if phase else torch.zeros(q1 - q0)
-                s = _offset_scores(_bf16_block(queries[q0:q1]), a, db_b, zeros, d)
+                a = _cut_estimate(best_s[q0:q1], cut[q0:q1]) if phase else torch.zeros(q1 - q0, device=dev)
+                s = _offset_scores(_bf16_block(queries[q0:q1], dev), a, db_b, zeros, d)
                 ts, ti = torch.topk(s, min(kk, c1 - c0), dim=1)
                 best_s[q0:q1], best_i[q0:q1] = _merge_running(best_s[q0:q1], best_i[q0:q1], ts, ti + c0, kk)
         cut = best_s[:, -1].clone()
-    return best_s.numpy(), best_i.numpy()
+    return best_s.cpu().numpy(), best_i.cpu().numpy()
 
 
 def block_candidates(block: np.ndarray, queries: np.ndarray, kk: int, bf16: bool = False,
-                     floor: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+                     floor: Optional[np.ndarray] = None,
+                     device: Optional[torch.device] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Candidate neighbours of every query among the rows of ``block`` (one visiting block).
 
     Exact: a faiss flat inner-product search (``_local_exact``: GPU where faiss has one,
     exact ties by smaller id). bf16: the candidate search of ``_bf16_search`` around
-    ``floor``, each query's estimated cut (``None``: estimated from the block). Returns
+    ``floor``, each query's estimated cut (``None``: estimated from the block), on ``device``
+    (default the CPU). Returns
     ``(scores, local ids)`` of shape ``(Q, min(kk, len(block)))``, scores approximate
     (the search's own), ``-1`` ids pad; callers re-score the candidates they keep with
     ``pair_inner_products_between``.
@@ -304,7 +309,7 @@ def block_candidates(block: np.ndarray, queries: np.ndarray, kk: int, bf16: bool
     if kk == 0 or queries.shape[0] == 0:
         return np.zeros((queries.shape[0], 0), np.float32), np.zeros((queries.shape[0], 0), np.int64)
     if bf16:
-        return _bf16_search(block, queries, kk, floor)
+        return _bf16_search(block, queries, kk, floor, device)
     return _local_exact(block, queries, kk)
 
 

@@ -46,6 +46,7 @@ import logging
 from typing import Iterator, List, NamedTuple, Optional, Protocol, Tuple, Union
 
 import numpy as np
+import torch
 
 from sfrs_dist.distributed import all_gather_object, broadcast_array, get_rank, get_world_size
 from sfrs_dist.mining.knn import (
@@ -181,10 +182,12 @@ class ShardedItems:
     """This rank's share of the N items: ``ids`` (sorted global ids) and their ``rows``.
 
     Constructing it is a collective: the ranks exchange their id lists (``N`` integers in
-    all) and check that every item of ``[0, n)`` is held by exactly one rank.
+    all) and check that every item of ``[0, n)`` is held by exactly one rank. ``device``: where
+    the bf16 candidate search of ``knn_graph`` runs (default the CPU; the rank's GPU).
     """
 
-    def __init__(self, ids: np.ndarray, rows: np.ndarray, n: int, block_bytes: int = BLOCK_BYTES) -> None:
+    def __init__(self, ids: np.ndarray, rows: np.ndarray, n: int, block_bytes: int = BLOCK_BYTES,
+                 device: Optional[torch.device] = None) -> None:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         rows = np.asarray(rows)
         if rows.ndim != 2 or rows.shape[0] != len(ids):
@@ -218,6 +221,7 @@ class ShardedItems:
             self.owner[rid] = r
             self.pos[rid] = np.arange(len(rid))
         self.chunk_rows = max(1, int(block_bytes) // (4 * self.dim))
+        self.device = device
 
     def __len__(self) -> int:
         return self.n
@@ -337,10 +341,10 @@ class ShardedItems:
                 continue
             gids = self.ids_of[t][sel]
             floor = top_s[:, -1] if bf16 and top_s.shape[1] else None
-            s, i = block_candidates(block, x, kk, bf16, floor)
+            s, i = block_candidates(block, x, kk, bf16, floor, self.device)
             top_s, top_i = _merge(top_s, top_i, s, i, gids, kk)
             floor = far_s[:, -1] if bf16 and far_s.shape[1] else None
-            s, i = block_candidates(-block, x, fm, bf16, floor)
+            s, i = block_candidates(-block, x, fm, bf16, floor, self.device)
             far_s, far_i = _merge(far_s, far_i, s, i, gids, fm)
             del block
         cand = np.concatenate([top_i, far_i], axis=1)

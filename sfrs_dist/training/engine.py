@@ -7,9 +7,14 @@ training loop does not know which one it drives.
 Extraction passes (mining refresh, validation, test, PCA) and saved networks use float32
 weights on both engines: ``eval_network()`` and ``fp32_state_dict()``. Under DeepSpeed
 bf16/fp16 the module's parameters are cast to the reduced dtype; the float32 values are the
-optimiser's master weights (``deepspeed.utils.safe_get_full_fp32_param``) and, for frozen
-parameters the optimiser does not hold, a float32 copy taken before DeepSpeed cast them.
-Both are collectives under DeepSpeed: every rank calls them.
+optimiser's master weights (``deepspeed.utils.safe_get_full_fp32_param`` under ZeRO 1/2, the
+mixed-precision optimiser's float32 groups at stage 0) and, for frozen parameters the
+optimiser does not hold, a float32 copy taken before DeepSpeed cast them.
+
+Both calls first broadcast rank 0's buffers (batch-norm running statistics) to every rank:
+after a training step each rank's statistics include its own batch, and every rank must
+extract with, and every checkpoint hold, the same network. Both are therefore collectives:
+every rank calls them.
 """
 
 from __future__ import annotations
@@ -82,13 +87,24 @@ class _Engine:
         self.optimizer.load_state_dict(state)
 
     def fp32_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The module's state dict with float32 floating-point entries, on the CPU."""
+        """The module's state dict with float32 floating-point entries, on the CPU (rank 0's buffers)."""
+        self._sync_buffers()
         return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
                 for k, v in self.module.state_dict().items()}
 
     def eval_network(self) -> nn.Module:
-        """A network with the module's float32 weights, for extraction passes."""
+        """A network with the module's float32 weights and rank 0's buffers, for extraction passes."""
+        self._sync_buffers()
         return self.module
+
+    def _sync_buffers(self) -> None:
+        """Rank 0's buffers (batch-norm running statistics) on every rank; a collective.
+
+        DDP broadcasts them only at the start of a training forward and DeepSpeed not at
+        all, so after a step each rank holds the statistics of its own batches.
+        """
+        for b in self.module.buffers():
+            du.broadcast_tensor(b.data)
 
     def checkpoint_state(self, path: Path) -> Dict[str, Any]:
         """What a training checkpoint at ``path`` holds for this engine (float32 ``model`` included)."""
@@ -211,6 +227,9 @@ class DeepSpeedEngine(_Engine):
             "zero_optimization": {"stage": zero_stage},
             "zero_allow_untested_optimizer": True,  # torch SGD: ZeRO partitions its state like any other
             "bf16": {"enabled": precision == "bf16"},
+            # gradients averaged across ranks in float32, as DDP under autocast does (DeepSpeed's
+            # default under bf16/fp16 is the reduced dtype)
+            "communication_data_type": "fp32",
             "fp16": {"enabled": precision == "fp16"},
             "steps_per_print": 10 ** 9,
             "wall_clock_breakdown": False,
@@ -251,24 +270,36 @@ class DeepSpeedEngine(_Engine):
         self._sync_buffers()
         out = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
                for k, v in self.module.state_dict().items()}
+        stage0 = self._stage0_masters()
         for name, p in self.module.named_parameters(remove_duplicate=False):
             if name not in out:
                 continue
             full = safe_get_full_fp32_param(p) if p.requires_grad else None  # a collective for trained ones
+            if full is None and p.requires_grad:
+                full = stage0.get(id(p))
             if full is not None:
                 out[name] = full.detach().float().cpu().reshape(p.shape)
             elif name in self._frozen_fp32:
                 out[name] = self._frozen_fp32[name].clone()
+            elif p.dtype != torch.float32:
+                raise RuntimeError(f"DeepSpeed holds no float32 master of the trained parameter {name} "
+                                   f"({p.dtype}, optimiser {type(self.optimizer).__name__}); its weights would be "
+                                   "saved rounded: use train.precision=fp32 or train.zero_stage 1 or 2")
         return out
 
-    def _sync_buffers(self) -> None:
-        """Rank 0's buffers (batch-norm running statistics) on every rank, as DDP keeps them.
+    def _stage0_masters(self) -> Dict[int, torch.Tensor]:
+        """Trained parameter (by ``id``) -> its float32 master in the stage-0 mixed-precision optimiser.
 
-        DeepSpeed leaves each rank with the statistics of its own batches; extraction passes
-        and checkpoints use rank 0's on every rank.
+        Without ZeRO, DeepSpeed bf16/fp16 wraps the optimiser in one that keeps
+        ``fp16_groups`` (the module's reduced-precision parameters) and ``fp32_groups`` (their
+        masters, which the optimiser steps) side by side; ``safe_get_full_fp32_param`` does
+        not see those. Empty for any other optimiser.
         """
-        for b in self.module.buffers():
-            du.broadcast_tensor(b.data)
+        low = getattr(self.optimizer, "fp16_groups", None)
+        high = getattr(self.optimizer, "fp32_groups", None)
+        if self.sharded_optimizer or not low or not high:
+            return {}
+        return {id(a): b for ga, gb in zip(low, high) for a, b in zip(ga, gb)}
 
     def eval_network(self) -> nn.Module:
         if self._shadow is None:

@@ -25,9 +25,9 @@ from ..data.manifest import Manifest
 from ..data.test_sets import group_by_manifest, locate_splits
 from ..data.transforms import DeviceColorJitter
 from ..evaluation.checkpoints import load_for_eval
-from ..evaluation.pca import PCAWhitening, broadcast_pca
+from ..evaluation.pca_fit import fit_pca_sharded
 from ..evaluation.runner import evaluate_splits, flat_metrics, render_examples
-from ..extraction.passes import eval_mode, extract_group, extract_group_local
+from ..extraction.passes import eval_mode, extract_group_local
 from ..mining import (
     COLLAPSE_SIMILARITY,
     NegativeCache,
@@ -257,7 +257,7 @@ class Trainer:
             return {}
         with eval_mode(net):
             return evaluate_splits(net, net.output_dim, self.manifest, [cfg.data.val_set], cfg.data, self.device,
-                                   cfg.eval.recall_ns, bf16=cfg.eval.bf16)
+                                   cfg.eval.recall_ns, bf16=cfg.eval.bf16, bf16_search=cfg.eval.bf16_search)
 
     # --------------------------------------------------------------- mining
     def _refresh(self, engine, gen: int, epoch: int, s: int, subset: np.ndarray, neg_cache):
@@ -272,7 +272,7 @@ class Trainer:
         t1 = time.time()
         nq = len(self.train.q_keys)
         items = ShardedItems(np.concatenate([q_ids, nq + db_ids]), np.concatenate([q_rows, db_rows]),
-                             nq + len(self.train.db_keys))
+                             nq + len(self.train.db_keys), device=self.device)  # bf16 search on the device
         del q_rows, db_rows
         rng = np.random.default_rng(seed_for(cfg.train.seed, gen, epoch, s, 1))
         res = mine_subset(subset, items, nq, self.train.train_pos, self.neg_sampler, neg_cache, gen, rng, cfg.mining)
@@ -369,18 +369,20 @@ class Trainer:
         pca, pca_path = None, None
         with eval_mode(net):
             if cfg.eval.pca_dim and cfg.eval.pca_dim < net.output_dim:
-                # as the reference: images drawn at random from training queries and database
-                train = np.concatenate([
-                    extract_group(net, net.output_dim, self.manifest, self.train.sid, role, cfg.data, self.device,
-                                  bf16=cfg.eval.bf16) for role in ("q", "db")])
+                # as the reference: images drawn at random from training queries and database; each
+                # rank keeps its share, only the sampled rows travel (to rank 0, which fits on its device)
+                (q_ids, q_rows), (db_ids, db_rows) = [
+                    extract_group_local(net, net.output_dim, self.manifest, self.train.sid, role, cfg.data,
+                                        self.device, bf16=cfg.eval.bf16) for role in ("q", "db")]
+                nq = len(self.train.q_keys)
+                pca = fit_pca_sharded(np.concatenate([q_ids, nq + db_ids]), np.concatenate([q_rows, db_rows]),
+                                      nq + len(self.train.db_keys), cfg.eval.pca_dim, cfg.eval.pca_samples,
+                                      cfg.train.seed, self.device)  # on every rank: each whitens its share
+                del q_rows, db_rows
                 pca_path = self.ckpt_dir / f"{tag}_pca.h5"
-                if du.is_main_process():  # fitted once, on rank 0
-                    pca = PCAWhitening(cfg.eval.pca_dim).fit(train, max_samples=cfg.eval.pca_samples,
-                                                             seed=cfg.train.seed)
+                if du.is_main_process():
                     pca_path.parent.mkdir(parents=True, exist_ok=True)
                     pca.save(str(pca_path))
-                del train
-                pca = broadcast_pca(pca)  # every rank whitens and searches its share of the database
             examples_dir = self.run_dir / "examples" / tag
 
             def draw(sid, topk):
@@ -392,7 +394,7 @@ class Trainer:
             for manifest, group in group_by_manifest(self.test_sets):
                 tables.update(evaluate_splits(net, net.output_dim, manifest, group, cfg.data, self.device,
                                               cfg.eval.recall_ns, pca=pca, bf16=cfg.eval.bf16,
-                                              on_topk=draw))
+                                              on_topk=draw, bf16_search=cfg.eval.bf16_search))
         return tables, pca_path
 
     def _report_untrained(self, net) -> None:
