@@ -11,9 +11,9 @@ from typing import List, Optional
 from sfrs_dist import distributed as du
 from sfrs_dist.config import ConfigError, check_resume, load_config_for_launch
 from sfrs_dist.data.test_sets import locate_splits
+from sfrs_dist.device_check import DeviceUnusable, resolve_device
 from sfrs_dist.evaluation.paper_table import paper_table
 from sfrs_dist.evaluation.protocols import protocol_note
-from sfrs_dist.device_check import DeviceUnusable, resolve_device
 from sfrs_dist.logging_utils import setup_logging
 from sfrs_dist.precision import apply_choice, log_choice, resolve_config, saved_run_config
 from sfrs_dist.tracking import default_tracking_uri
