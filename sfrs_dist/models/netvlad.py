@@ -25,7 +25,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import faiss
 import numpy as np
@@ -144,8 +144,13 @@ def sample_local_descriptors(
     images: torch.Tensor,
     per_image: int,
     generator: Optional[torch.Generator] = None,
+    image_seeds: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """Sample L2-normalised local descriptors from a batch of images.
+
+    ``image_seeds`` (one per image) draws each image's positions from a generator of its own,
+    so the sample does not depend on how images are batched or split across ranks; otherwise
+    ``generator`` draws them in batch order.
 
     Runs ``backbone`` (any callable giving a (B, D, h, w) map; pass ``net.features`` of an
     ``SFRSNet`` so its input adapter converts the NetVLAD-convention images the way the
@@ -165,8 +170,11 @@ def sample_local_descriptors(
         log.warning("feature map %dx%d has only %d positions; sampling %d per image instead of %d", h, w, h * w, n, per_image)
     flat = feats.reshape(b, d, h * w)
     out = []
+    if image_seeds is not None and len(image_seeds) != b:
+        raise ValueError(f"image_seeds has {len(image_seeds)} seeds for {b} images")
     for i in range(b):
-        idx = torch.randperm(h * w, generator=generator)[:n].to(flat.device)
+        g = torch.Generator().manual_seed(int(image_seeds[i])) if image_seeds is not None else generator
+        idx = torch.randperm(h * w, generator=g)[:n].to(flat.device)
         out.append(flat[i, :, idx].t())
     return torch.cat(out, dim=0).contiguous()
 

@@ -43,12 +43,17 @@ def init_image_keys(manifest: Manifest, sid: str, count: int, seed: int) -> List
     return [keys[i] for i in rng.choice(len(keys), size=min(count, len(keys)), replace=False)]
 
 
+def seed_for_image(seed: int, index: int) -> int:
+    """The position-sampling seed of the ``index``-th initialisation image: the same whichever
+    rank reads it, so the NetVLAD init does not depend on the number of ranks."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
+
+
 def _sample_descriptors(net: SFRSNet, cfg: Config, manifest: Manifest, sid: str, device: torch.device) -> torch.Tensor:
     """Local descriptors of this rank's share of the randomly drawn initialisation images."""
     keys = init_image_keys(manifest, sid, cfg.model.init_images, cfg.train.seed)
     start, end = shard_range(len(keys), du.get_rank(), du.get_world_size())
     per_image = max(1, cfg.model.init_descriptors // len(keys))
-    gen = torch.Generator().manual_seed(cfg.train.seed + du.get_rank())
     reader = ShardReader(manifest.root, manifest)
     h, w = (int(v) for v in cfg.data.image_size)
     transform = make_transform("test", h, w)
@@ -57,7 +62,8 @@ def _sample_descriptors(net: SFRSNet, cfg: Config, manifest: Manifest, sid: str,
     with eval_mode(net), torch.no_grad():
         for b0 in range(start, end, bs):
             images = torch.stack([transform(reader.get(k)[0]) for k in keys[b0:min(end, b0 + bs)]]).to(device)
-            out.append(sample_local_descriptors(net.features, images, per_image, generator=gen).cpu())
+            seeds = [seed_for_image(cfg.train.seed, i) for i in range(b0, min(end, b0 + bs))]
+            out.append(sample_local_descriptors(net.features, images, per_image, image_seeds=seeds).cpu())
     dim = net.netvlad.dim
     return torch.cat(out) if out else torch.zeros(0, dim)
 
@@ -82,7 +88,7 @@ def build_student(cfg: Config, manifest: Manifest, sid: str, cache_dir: Path, de
         return net
     fingerprint = state_fingerprint(net.backbone, m.num_clusters, cfg.train.seed, manifest.source,
                                     sid, tuple(cfg.data.image_size), m.init_descriptors, m.init_images,
-                                    "random queries+database", net.input_adapter.mode, "kmeans++ all")
+                                    "random queries+database", net.input_adapter.mode, "kmeans++ all, per-image seeds")
     path = Path(cache_dir) / f"netvlad_init_{fingerprint[:16]}.pt"
     descs = None
     if du.broadcast_object(not path.is_file()):  # rank 0 decides: the cache may live on its node only
