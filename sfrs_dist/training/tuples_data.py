@@ -99,8 +99,11 @@ class TupleSampler(torch.utils.data.Sampler):
 class TupleLoader:
     """The training images of an epoch's cache subsets, one subset at a time.
 
-    ``workers`` DataLoader workers, persistent across subsets when there are any;
-    ``pin_memory`` for CUDA training (batches then copy with ``non_blocking=True``).
+    ``workers`` DataLoader workers, persistent across subsets when there are any, started
+    through a forkserver: forked from a training process whose communication and compute
+    threads may hold locks at that moment, a worker could wait on one of them forever (seen as
+    a rank stuck in its first batch); ``pin_memory`` for CUDA training (batches then copy with
+    ``non_blocking=True``).
     ``close()`` stops the workers (also on leaving a ``with`` block).
     """
 
@@ -109,7 +112,8 @@ class TupleLoader:
         self.sampler = TupleSampler(batch_size)
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self.sampler, num_workers=int(workers), collate_fn=collate_tuples,
-            pin_memory=bool(pin_memory), persistent_workers=int(workers) > 0)
+            pin_memory=bool(pin_memory), persistent_workers=int(workers) > 0,
+            multiprocessing_context="forkserver" if int(workers) > 0 else None)
 
     def subset(self, tuples: Sequence, seed: int) -> Iterator[Dict]:
         """Batches of ``tuples`` (in order, ``batch_size`` each; a shorter last one), jitter seeded by ``seed``."""
