@@ -62,17 +62,17 @@ if [ ! -f "$STAMP" ] || [ "$REPO_ROOT/setup.cfg" -nt "$STAMP" ] || [ "$INSTALLED
              "with the build docs/cluster.md gives for this driver" >&2
         exit 1
     fi
-    echo "$WANTED" >"$STAMP"
-fi
-# Real ground truth for the dataset-reader tests (tests/test_vpr_ground_truth.py): the data files of
-# the patchnetvlad wheel. Its declared dependencies cannot be installed (PyPI's 'faiss' has no wheel
-# for this Python) and are not needed to read its files: installed without them, never imported.
-if ! "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('patchnetvlad') is None)"; then
-    if ! "$VENV/bin/python" -m pip install --no-deps "patchnetvlad==0.1.8" >>"$VENV/install.log" 2>&1; then
-        tail -n 20 "$VENV/install.log" >&2
-        echo "[sfrs_dist] installing patchnetvlad==0.1.8 (--no-deps) failed; full log: $VENV/install.log" >&2
-        exit 1
+    # Real ground truth for the dataset-reader tests (tests/test_vpr_ground_truth.py): the data files of
+    # the patchnetvlad wheel. Its declared dependencies cannot be installed (PyPI's 'faiss' has no wheel
+    # for this Python) and are not needed to read its files: installed without them, never imported.
+    if ! "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('patchnetvlad') is None)"; then
+        if ! "$VENV/bin/python" -m pip install --no-deps "patchnetvlad==0.1.8" >>"$VENV/install.log" 2>&1; then
+            tail -n 20 "$VENV/install.log" >&2
+            echo "[sfrs_dist] installing patchnetvlad==0.1.8 (--no-deps) failed; full log: $VENV/install.log" >&2
+            exit 1
+        fi
     fi
+    echo "$WANTED" >"$STAMP"
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
