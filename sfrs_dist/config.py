@@ -257,9 +257,14 @@ class RunConfig:
     """auto (latest checkpoint in out_dir if any), none, or a checkpoint path."""
     dist_timeout_s: float = 900.0
     """Timeout of every collective: a failed rank stops the job instead of hanging."""
+    stop_grace_s: float = 60.0
+    """Seconds a rank has, after SIGTERM or SIGUSR1, to reach a step boundary and save its position;
+    past them it exits with code 76 and the job resumes from its last checkpoint (keep it below
+    torchrun's --shutdown_timeout and Slurm's warning time, see docs/cluster.md)."""
 
     def __post_init__(self) -> None:
         _check(self.dist_timeout_s > 0, "run.dist_timeout_s must be > 0")
+        _check(self.stop_grace_s > 0, "run.stop_grace_s must be > 0")
 
 
 @dataclass
