@@ -123,6 +123,19 @@ class DDPEngine(_Engine):
         with autocast_context(self.precision, self.device):
             return self.model(images, **kwargs).float()
 
+    def eval_network(self) -> nn.Module:
+        """The module, with rank 0's buffers on every rank (a collective under DDP).
+
+        DDP sends rank 0's buffers at the start of each training forward, so after the last
+        step every rank holds batch-norm statistics of its own batches; extraction passes use
+        rank 0's, the ones checkpoints hold, so a resumed job extracts what an uninterrupted
+        one does.
+        """
+        if self.model is not self.module:
+            for b in self.module.buffers():
+                du.broadcast_tensor(b.data)
+        return self.module
+
     def backward_step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:

@@ -111,7 +111,9 @@ class Trainer:
         self.resume_path: Optional[Path] = None
         self._collapse_warned: set = set()
         self.stop = StopRequest.install(cfg.run.stop_grace_s)  # SIGTERM/SIGUSR1: stop at a step boundary
-        self.watchdog = Watchdog(lambda: str(self.state))  # names the phase and the missing rank on a failure
+        self.watchdog = Watchdog(  # names the phase and the missing rank when a collective fails
+            lambda: "generation {generation} epoch {epoch} subset {subset} step {step}".format(**asdict(self.state)),
+            record=self.run_dir / "stages" / f"rank{self.rank}.jsonl")  # per phase: seconds, peak memory
         self.position: Optional[Dict] = None  # where a stop inside a cache subset left off
         self.last_saved: Optional[Path] = None
 

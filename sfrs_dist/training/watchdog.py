@@ -8,6 +8,9 @@ the phase it is in and, while training, its step. When a collective fails inside
 the failing rank reports itself in the store, gives the other ranks a few seconds to do the
 same, and raises ``HungRank`` naming the phase and every rank that did not report, with
 where that rank was last seen.
+
+With a ``record`` file, every phase also appends its wall time and the rank's peak resident
+memory during it (JSON lines), the per-stage figures ``bench/bench_job.py`` reports.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import resource
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator, List
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional
 
 import torch.distributed as dist
 
@@ -52,9 +57,10 @@ class Watchdog:
     how long a failing rank waits for the others to report the failure too.
     """
 
-    def __init__(self, where: Callable[[], str], grace_s: float = 10.0) -> None:
+    def __init__(self, where: Callable[[], str], grace_s: float = 10.0, record: Optional[Path] = None) -> None:
         self.where = where
         self.grace_s = float(grace_s)
+        self.record = Path(record) if record is not None else None
         self.phase_name = "setup"
         self.rank, self.world = du.get_rank(), du.get_world_size()
         self._last_beat = 0.0
@@ -80,6 +86,8 @@ class Watchdog:
         """Run a phase; a transport failure inside it becomes ``HungRank``."""
         prev, self.phase_name = self.phase_name, name
         self.beat(every_s=0.0)
+        if self.record is not None:
+            reset_peak_memory()
         t0 = time.monotonic()
         try:
             yield
@@ -87,8 +95,17 @@ class Watchdog:
             if self.world > 1 and is_transport_failure(exc):
                 raise HungRank(self.diagnose(name, time.monotonic() - t0, exc)) from exc
             raise
+        else:
+            if self.record is not None:
+                self._record(name, time.monotonic() - t0)
         finally:
             self.phase_name = prev
+
+    def _record(self, name: str, seconds: float) -> None:
+        self.record.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.record, "a") as f:
+            f.write(json.dumps({"phase": name, "where": self.where(), "seconds": round(seconds, 3),
+                                "peak_rss_mb": round(peak_memory_mb(), 1), "rank": self.rank}) + "\n")
 
     def diagnose(self, phase: str, elapsed_s: float, exc: BaseException) -> str:
         """One line: the phase, this rank's position, and the ranks that did not report the failure."""
@@ -123,6 +140,27 @@ class Watchdog:
             return "never seen"
         p = json.loads(store.get(f"progress/{rank}"))
         return f"last seen in {p['phase']}, {p['where']}, {time.time() - p['time']:.0f} s ago"
+
+
+def reset_peak_memory() -> None:
+    """Restart this process's peak resident memory count (Linux ``clear_refs``; elsewhere a no-op)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory since the last ``reset_peak_memory`` (Linux ``VmHWM``; else the process's peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def watched(phase: str):
