@@ -40,11 +40,26 @@ def _args(shards: Path, out: Path, *more: str):
 
 
 @pytest.fixture(scope="module")
-def reference(synthetic_shards, tmp_path_factory) -> dict:
-    """Final weights of the uninterrupted job."""
+def reference_run(synthetic_shards, tmp_path_factory) -> Path:
+    """The uninterrupted job's run directory."""
     out = tmp_path_factory.mktemp("reference") / "run"
     tt.run(tt.torchrun(_args(synthetic_shards, out), extra=["--standalone"]), out.parent / "log")
-    return _weights(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> dict:
+    """Final weights of the uninterrupted job."""
+    return _weights(reference_run)
+
+
+def test_every_rank_records_time_and_peak_memory_of_its_phases(reference_run):
+    for rank in (0, 1):
+        rows = [json.loads(line) for line in (reference_run / "stages" / f"rank{rank}.jsonl").read_text().splitlines()]
+        count = {p: sum(r["phase"] == p for r in rows) for p in ("refresh", "training", "evaluation", "checkpoint")}
+        assert count["refresh"] == count["training"] > 1, count  # one of each per cache subset
+        assert count["evaluation"] >= 2 and count["checkpoint"] > count["training"], count
+        assert all(r["rank"] == rank and r["seconds"] >= 0 and r["peak_rss_mb"] > 50 for r in rows)
 
 
 def _start(cmd, log: Path, env=None) -> subprocess.Popen:
@@ -184,7 +199,8 @@ def test_slurm_script_requeues_on_the_early_signal_and_the_requeued_job_finishes
     log = tmp_path / "log"
     job = _start(cmd, log, env=env)
     _wait_for(out / "checkpoints" / "ckpt_g00_e000_s0001.pt", job, log)
-    step = [p for p in psutil.Process(job.pid).children(recursive=True) if "python" in p.name()]
+    step = [p for p in psutil.Process(job.pid).children(recursive=True)
+            if {"torch.distributed.run", str(REPO / "launch" / "train.py")} & set(p.cmdline())]
     assert len(step) == 3  # torchrun and its 2 workers; the batch shell is not signalled
     for p in step:
         p.send_signal(signal.SIGUSR1)
