@@ -56,9 +56,11 @@ def reference(reference_run) -> dict:
 def test_every_rank_records_time_and_peak_memory_of_its_phases(reference_run):
     for rank in (0, 1):
         rows = [json.loads(line) for line in (reference_run / "stages" / f"rank{rank}.jsonl").read_text().splitlines()]
-        count = {p: sum(r["phase"] == p for r in rows) for p in ("refresh", "training", "evaluation", "checkpoint")}
+        count = {p: sum(r["phase"] == p for r in rows) for p in ("setup", "refresh", "training", "validation", "test",
+                                                                  "checkpoint")}
         assert count["refresh"] == count["training"] > 1, count  # one of each per cache subset
-        assert count["evaluation"] >= 2 and count["checkpoint"] > count["training"], count
+        assert count["setup"] == count["validation"] == count["test"] == 1, count  # 1 generation of 1 epoch
+        assert count["checkpoint"] > count["training"], count
         assert all(r["rank"] == rank and r["seconds"] >= 0 and r["peak_rss_mb"] > 50 for r in rows)
 
 
@@ -71,6 +73,20 @@ def _wait_for(path: Path, agent: subprocess.Popen, log: Path, timeout: float = 3
     while not path.exists() and agent.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert path.exists(), log.read_text()[-3000:]
+
+
+def _wait_for_refresh_of_subset_1(out: Path, agent: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    """Return once rank 0 has saved the checkpoint after subset 0 and passed the stop check that
+    follows it: the job is then in the refresh of subset 1 (0.7 s here), before its 4 steps."""
+    stages = out / "stages" / "rank0.jsonl"
+    deadline = time.time() + timeout
+    while agent.poll() is None and time.time() < deadline:
+        rows = [json.loads(line) for line in stages.read_text().splitlines()] if stages.exists() else []
+        if any(r["phase"] == "checkpoint" and r["where"].startswith("generation 0 epoch 0 subset 1 ") for r in rows):
+            time.sleep(0.1)
+            return
+        time.sleep(0.02)
+    raise AssertionError(log.read_text()[-3000:])
 
 
 def _workers(agent: subprocess.Popen):
@@ -95,7 +111,7 @@ def test_sigterm_saves_the_position_and_the_rerun_continues_it(reference, synthe
     record = tmp_path / "stopped.json"
     cmd = tt.torchrun(_args(synthetic_shards, out), extra=["--standalone"])
     agent = _start(cmd, log, env=dict(tt._env(), SFRS_STOP_FILE=str(record)))
-    _wait_for(out / "checkpoints" / "ckpt_g00_e000_s0001.pt", agent, log)
+    _wait_for_refresh_of_subset_1(out, agent, log)
     processes = [psutil.Process(agent.pid), *_workers(agent)]
     assert len(processes) == 3
     t0 = time.time()
@@ -198,7 +214,7 @@ def test_slurm_script_requeues_on_the_early_signal_and_the_requeued_job_finishes
     cmd = ["bash", str(REPO / "launch" / "slurm_train.sh"), str(tt.CONFIG), *_args(synthetic_shards, out)]
     log = tmp_path / "log"
     job = _start(cmd, log, env=env)
-    _wait_for(out / "checkpoints" / "ckpt_g00_e000_s0001.pt", job, log)
+    _wait_for_refresh_of_subset_1(out, job, log)
     step = [p for p in psutil.Process(job.pid).children(recursive=True)
             if {"torch.distributed.run", str(REPO / "launch" / "train.py")} & set(p.cmdline())]
     assert len(step) == 3  # torchrun and its 2 workers; the batch shell is not signalled

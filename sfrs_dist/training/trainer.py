@@ -158,7 +158,8 @@ class Trainer:
     # ----------------------------------------------------------- generation
     def _generation(self, gen: int, ckpt: Optional[Dict]) -> None:
         cfg = self.cfg
-        net = build_student(cfg, self.manifest, self.train.sid, self.cache_dir, self.device)
+        with self.watchdog.phase("setup"):  # backbone weights and the NetVLAD init (k-means)
+            net = build_student(cfg, self.manifest, self.train.sid, self.cache_dir, self.device)
         if gen == 0 and cfg.eval.test_untrained and not self.untrained and ckpt is None:
             self._report_untrained(net)
         teacher, teacher_key, teacher_s = None, "", 0.0
@@ -258,7 +259,7 @@ class Trainer:
                  float(np.mean(losses)) if losses else float("nan"), time.time() - t_epoch,
                  "".join(f", val R@{n} {100 * v:.1f}" for n, v in r.items()))
 
-    @watched("evaluation")
+    @watched("validation")
     def _validate(self, net) -> Dict:
         """Recall on ``data.val_set`` (no PCA), or ``{}`` without a validation split."""
         cfg = self.cfg
@@ -408,7 +409,7 @@ class Trainer:
         return loss, {"loss_hard": hard.detach(), "loss_soft": soft.detach()}
 
     # ------------------------------------------------------------ test/ckpt
-    @watched("evaluation")
+    @watched("test")
     def _test(self, net, gen: int, tag: str = ""):
         """PCA fitted on the network, then every test set; ``tag`` names the files (default: gen)."""
         cfg = self.cfg

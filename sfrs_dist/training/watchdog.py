@@ -31,7 +31,7 @@ from .. import distributed as du
 log = logging.getLogger(__name__)
 
 #: The phases of a job, as error messages name them.
-PHASES = ("setup", "refresh", "teacher pass", "training", "evaluation", "checkpoint")
+PHASES = ("setup", "refresh", "teacher pass", "training", "validation", "test", "checkpoint")
 #: Words of the transport errors gloo and NCCL raise when a peer hangs or is lost.
 _TRANSPORT_WORDS = ("gloo", "nccl", "timed out", "timeout", "connection closed", "connection reset", "broken pipe",
                     "socket", "peer")
