@@ -11,6 +11,16 @@
 #   RDZV_PORT     rendezvous port on the first node (default 29500)
 #   MAX_RESTARTS  torchrun --max-restarts: times a failed worker group is restarted (default 3);
 #                 restarted workers resume from the newest checkpoint (run.resume=auto)
+#   SHUTDOWN_TIMEOUT  seconds torchrun gives its workers to stop after forwarding a signal
+#                 (default 90; keep it above run.stop_grace_s, 60 by default)
+#   SFRS_STOP_FILE  where the ranks record a stop on a signal (default: slurm-sfrs-<job id>.stop.json
+#                 in the repository, a folder every node sees)
+#
+# Preemption and time limit: Slurm sends SIGUSR1 180 s before the time limit (--signal below)
+# and SIGTERM at preemption; torchrun forwards either to its workers, which stop at the next
+# step boundary, save their position, record the stop in SFRS_STOP_FILE and exit with code 75.
+# This script then requeues the job (scontrol requeue; --requeue below) and the requeued job
+# continues from the saved position (docs/cluster.md).
 #   SFRS_PYTHON   interpreter (default: <repo>/.venv/bin/python, made by `source launch/env.sh`)
 #   OMP_NUM_THREADS  threads per process (default: the task's CPUs divided by GPUS)
 #
@@ -21,6 +31,9 @@
 #SBATCH --cpus-per-task=32
 #SBATCH --time=48:00:00
 #SBATCH --output=slurm-%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=USR1@180
+#SBATCH --requeue
 
 set -euo pipefail
 
@@ -45,6 +58,10 @@ fi
 GPUS=${GPUS:-${SLURM_GPUS_ON_NODE:-1}}
 RDZV_PORT=${RDZV_PORT:-29500}
 MAX_RESTARTS=${MAX_RESTARTS:-3}
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-90}
+STOP_EXIT_CODE=75
+export SFRS_STOP_FILE=${SFRS_STOP_FILE:-$REPO/slurm-sfrs-$SLURM_JOB_ID.stop.json}
+rm -f "$SFRS_STOP_FILE"  # a requeued job keeps its id: only this run's stop counts
 mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 if [ "${#NODES[@]}" -eq 0 ]; then
     echo "scontrol show hostnames '$SLURM_JOB_NODELIST' returned no host" >&2
@@ -64,6 +81,11 @@ export PYTHONUNBUFFERED=1
 cd "$REPO"
 echo "sfrs: $SLURM_NNODES node(s) x $GPUS process(es), rendezvous $HEAD:$RDZV_PORT, config $CONFIG" >&2
 
+# The batch shell outlives the step's signals (a trapped signal only interrupts `wait`), so it
+# can requeue the job once the ranks have saved their position.
+SIGNALLED=""
+trap 'SIGNALLED=USR1; echo "sfrs: SIGUSR1 (time limit ahead): the ranks stop at the next step" >&2' USR1
+trap 'SIGNALLED=TERM; echo "sfrs: SIGTERM: the ranks stop at the next step" >&2' TERM
 srun --nodes "$SLURM_NNODES" --ntasks-per-node 1 ${SRUN_CPUS[@]+"${SRUN_CPUS[@]}"} --kill-on-bad-exit=1 \
     "$PYTHON" -m torch.distributed.run \
     --nnodes "$SLURM_NNODES" \
@@ -72,4 +94,27 @@ srun --nodes "$SLURM_NNODES" --ntasks-per-node 1 ${SRUN_CPUS[@]+"${SRUN_CPUS[@]}
     --rdzv_endpoint "$HEAD:$RDZV_PORT" \
     --rdzv_id "sfrs-$SLURM_JOB_ID" \
     --max-restarts "$MAX_RESTARTS" \
-    "$REPO/launch/train.py" --config "$CONFIG" "$@"
+    --signals_to_handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
+    --shutdown-timeout "$SHUTDOWN_TIMEOUT" \
+    "$REPO/launch/train.py" --config "$CONFIG" "$@" &
+STEP=$!
+while :; do
+    set +e
+    wait "$STEP"
+    RC=$?
+    set -e
+    kill -0 "$STEP" 2>/dev/null || break  # still running: a trapped signal interrupted the wait
+done
+# torchrun exits 1 after forwarding a signal: the ranks' exit code comes from their record
+if [ -f "$SFRS_STOP_FILE" ] && grep -q "\"exit_code\": $STOP_EXIT_CODE" "$SFRS_STOP_FILE"; then
+    echo "sfrs: stopped with its position saved ($(cat "$SFRS_STOP_FILE")); requeueing job $SLURM_JOB_ID" >&2
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+if [ -n "$SIGNALLED" ]; then
+    # a rank ran out of grace before it could save: the job resumes from its last checkpoint
+    echo "sfrs: SIG$SIGNALLED and no saved position (step exit code $RC); requeueing job $SLURM_JOB_ID" >&2
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+exit "$RC"

@@ -17,9 +17,11 @@ from sfrs_dist.evaluation.protocols import protocol_note
 from sfrs_dist.logging_utils import setup_logging
 from sfrs_dist.precision import apply_choice, log_choice, resolve_config, saved_run_config
 from sfrs_dist.tracking import default_tracking_uri
-from sfrs_dist.training.checkpoint import latest_checkpoint
+from sfrs_dist.training.checkpoint import NoLoadableCheckpoint, latest_checkpoint
+from sfrs_dist.training.preemption import STOP_EXIT_CODE, Stopped, StopRequest, write_stop_record
 from sfrs_dist.training.report import generation_table
 from sfrs_dist.training.trainer import Trainer
+from sfrs_dist.training.watchdog import HungRank
 
 log = logging.getLogger("train")
 
@@ -60,6 +62,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if du.launch_rank() == 0:
             print(f"config error: {exc}", file=sys.stderr)
         return 2
+    StopRequest.install(cfg.run.stop_grace_s)  # from here SIGTERM/SIGUSR1 stop the job cleanly
     info = du.init_distributed(timeout_s=cfg.run.dist_timeout_s, device=device)
     setup_logging()
     log.info("command: %s", " ".join(sys.argv))
@@ -72,7 +75,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     log_choice(precision)
     try:
         trainer = Trainer(cfg, info.device, precision=precision)
-        history = trainer.run()
+        try:
+            history = trainer.run()
+        except Stopped as stop:
+            log.warning("%s; exit code %d: run the same command to continue", stop, STOP_EXIT_CODE)
+            if du.is_main_process():
+                write_stop_record(stop)
+            return STOP_EXIT_CODE
+        except (HungRank, NoLoadableCheckpoint) as exc:  # one line each, not a traceback per rank
+            if du.is_main_process() or isinstance(exc, HungRank):
+                log.error("%s", exc)
+            return 1
         if du.is_main_process():
             print("\nRecall@N on the test sets, per generation (generation 0 = SARE baseline):")
             print(generation_table(history, [n for n in cfg.eval.recall_ns if n <= 10], trainer.selected,

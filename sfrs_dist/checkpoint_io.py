@@ -15,12 +15,17 @@ import torch
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary name in the same folder, then ``os.replace``."""
+    """``torch.save`` to a temporary name in the same folder, then ``os.replace``; on failure
+    (a full disk) the temporary file is removed and the error raised."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
+        raise
 
 
 def file_hash(path: Path, chunk: int = 1 << 20) -> str:

@@ -291,10 +291,15 @@ class RunConfig:
     device: str = "auto"
     """auto (the local rank's GPU when torch can use one, the CPU on a node without GPUs; GPUs
     that torch cannot use stop the job with the fix named), cuda (a GPU required) or cpu (on purpose)."""
+    stop_grace_s: float = 60.0
+    """Seconds a rank has, after SIGTERM or SIGUSR1, to reach a step boundary and save its position;
+    past them it exits with code 76 and the job resumes from its last checkpoint (keep it below
+    torchrun's --shutdown_timeout and Slurm's warning time, see docs/cluster.md)."""
 
     def __post_init__(self) -> None:
         _check(self.dist_timeout_s > 0, "run.dist_timeout_s must be > 0")
         _check(self.device in ("auto", "cuda", "cpu"), f"run.device must be auto, cuda or cpu, got {self.device!r}")
+        _check(self.stop_grace_s > 0, "run.stop_grace_s must be > 0")
 
 
 @dataclass

@@ -115,12 +115,16 @@ def _job_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                           is_master=rank == 0 and not agent_store, timeout=timeout)
-    return dist.PrefixStore(f"sfrs/attempt_{attempt}", store)
+    global _store
+    _store = dist.PrefixStore(f"sfrs/attempt_{attempt}", store)
+    return _store
 
 
 def destroy_distributed() -> None:
+    global _control, _store
     if is_distributed():
         dist.destroy_process_group()
+    _control = _store = None
 
 
 def barrier() -> None:
@@ -261,3 +265,43 @@ def broadcast_array(arr: Optional[np.ndarray], src: int, dtype: Any = np.float32
         t = torch.empty((rows, cols), dtype=torch.from_numpy(np.empty(0, dtype=dtype)).dtype, device=device)
     broadcast_tensor(t, src)
     return arr if mine else t.cpu().numpy()
+
+
+# ------------------------------------------------------------------ control plane
+#: The job's rendezvous store (``init_distributed``), None without one.
+_store: Optional[dist.Store] = None
+#: A gloo group over every rank for host-side flags (created by ``control_group``).
+_control: Any = None
+
+
+def job_store() -> Optional[dist.Store]:
+    """The key-value store every rank of this attempt shares (None when not distributed).
+
+    Under torchrun it lives in the agent process, so it still answers when a rank hangs.
+    """
+    return _store if is_distributed() else None
+
+
+def control_group() -> Any:
+    """A process group over all ranks whose collectives take CPU tensors (gloo).
+
+    The default group under gloo; under NCCL a gloo group of its own, so host-side flags
+    (the stop request, monitored barriers) never wait on the device. Created on first call:
+    a collective, so every rank makes that first call at the same point. None when not
+    distributed.
+    """
+    global _control
+    if not is_distributed():
+        return None
+    if _control is None:
+        _control = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _control
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank: one CPU all-reduce on ``control_group()``."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=control_group())
+    return bool(t[0])

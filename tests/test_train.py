@@ -1,17 +1,16 @@
 """End-to-end training under torchrun: real processes, gloo, the tiny synthetic shards.
 
 One module-scoped 2-process DDP job through 2 generations is shared by several checks;
-DeepSpeed, kill-and-resume and a 2-node run are jobs of their own (1 generation each).
+DeepSpeed and a 2-node run are jobs of their own (1 generation each); interrupted and resumed
+jobs are in test_resume.py.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import List
 
@@ -166,30 +165,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def test_killed_worker_restarts_and_finishes_with_same_steps(ddp_job, synthetic_shards, tmp_path):
-    import psutil
-
-    out = tmp_path / "run"
-    cmd = torchrun(overrides(synthetic_shards, out, "train.generations=1"),
-                   extra=["--standalone", "--max-restarts", "1"])
-    log = open(tmp_path / "log", "w")
-    agent = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
-    target = out / "checkpoints" / "ckpt_g00_e000_s0001.pt"
-    deadline = time.time() + 300
-    while not target.exists() and agent.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    assert target.exists(), (tmp_path / "log").read_text()[-3000:]
-    workers = [p for p in psutil.Process(agent.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
-    assert len(workers) == 2
-    os.kill(workers[-1].pid, signal.SIGKILL)
-    assert agent.wait(timeout=400) == 0, (tmp_path / "log").read_text()[-4000:]
-    text = (tmp_path / "log").read_text()
-    assert "resuming from" in text
-    ck = final_state(out)
-    assert ck["state"]["generation"] == 1
-    assert ck["history"][0]["steps"] == final_state(ddp_job)["history"][0]["steps"]
 
 
 def test_two_agents_two_nodes(ddp_job, synthetic_shards, tmp_path):

@@ -21,8 +21,10 @@ from sfrs_dist.models import build_model
 from sfrs_dist.teacher.cache import TeacherCache
 from sfrs_dist.training.checkpoint import TrainState
 from sfrs_dist.training.engine import build_engine
+from sfrs_dist.training.preemption import StopRequest
 from sfrs_dist.training.trainer import Trainer
 from sfrs_dist.training.tuples_data import TupleImages, TupleLoader
+from sfrs_dist.training.watchdog import Watchdog
 
 
 @pytest.fixture(autouse=True)
@@ -114,6 +116,7 @@ def _trainer(shards: Path, q_keys, db_keys, log_every: int, gen: int, jitter_on_
     t.cfg, t.device, t.rank, t.world = cfg, torch.device("cpu"), 0, 1
     t.state, t.tracker = TrainState(generation=gen), _Recorder()
     t.train = type("Split", (), {"q_keys": q_keys, "db_keys": db_keys})()
+    t.stop, t.watchdog, t.position = StopRequest(60.0), Watchdog(str), None  # no signal handlers installed
     torch.manual_seed(0)
     net = build_model("smallcnn", weights=None, num_clusters=4)
     return t, build_engine("ddp", net, t.device, 0.01, 0.9, 0.001, "fp32")

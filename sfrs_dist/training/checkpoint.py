@@ -13,14 +13,18 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .. import distributed as du
 from ..checkpoint_io import atomic_torch_save, file_hash, load_checkpoint  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^ckpt_g(\d+)_e(\d+)_s(\d+)\.pt$")
+_NAME = re.compile(r"^ckpt_g(\d+)_e(\d+)_s(\d+)(?:_k(\d+))?\.pt$")
+
+
+class NoLoadableCheckpoint(RuntimeError):
+    """Every checkpoint a resume could use is unreadable."""
 
 
 @dataclass
@@ -48,22 +52,29 @@ class TrainState:
             setattr(self, k, int(v))
 
 
-def checkpoint_name(generation: int, epoch: int, subset: int) -> str:
-    return f"ckpt_g{generation:02d}_e{epoch:03d}_s{subset:04d}.pt"
+def checkpoint_name(generation: int, epoch: int, subset: int, subset_step: int = 0) -> str:
+    """``ckpt_g<gen>_e<epoch>_s<subset>.pt``; with ``subset_step`` > 0 (a stop inside the subset)
+    ``..._s<subset>_k<step>.pt``."""
+    step = f"_k{subset_step:05d}" if subset_step else ""
+    return f"ckpt_g{generation:02d}_e{epoch:03d}_s{subset:04d}{step}.pt"
+
+
+def _position(name: str) -> Optional[Tuple[int, int, int, int]]:
+    m = _NAME.match(name)
+    return tuple(int(g or 0) for g in m.groups()) if m else None  # type: ignore[return-value]
+
+
+def checkpoints_newest_first(ckpt_dir: Path) -> List[Path]:
+    """The ``ckpt_*.pt`` files of ``ckpt_dir``, newest position (generation, epoch, subset, step) first."""
+    ckpt_dir = Path(ckpt_dir)
+    found = [(_position(p.name), p) for p in ckpt_dir.iterdir()] if ckpt_dir.is_dir() else []
+    return [p for pos, p in sorted((f for f in found if f[0] is not None), reverse=True)]
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
-    """The newest ``ckpt_g*_e*_s*.pt`` by (generation, epoch, subset), or None."""
-    ckpt_dir = Path(ckpt_dir)
-    best = None
-    if ckpt_dir.is_dir():
-        for p in ckpt_dir.iterdir():
-            m = _NAME.match(p.name)
-            if m:
-                pos = tuple(int(g) for g in m.groups())
-                if best is None or pos > best[0]:
-                    best = (pos, p)
-    return best[1] if best else None
+    """The newest ``ckpt_g*_e*_s*[_k*].pt`` by (generation, epoch, subset, step), or None."""
+    found = checkpoints_newest_first(ckpt_dir)
+    return found[0] if found else None
 
 
 def optimizer_shard_path(checkpoint: Path, rank: int) -> Path:
@@ -92,26 +103,29 @@ def remove_deepspeed_tags(ckpt_dir: Path, stem: str, keep: Optional[str] = None)
 
 
 def prune_subset_checkpoints(ckpt_dir: Path, newest: Path, keep_tag: Optional[str] = None) -> None:
-    """Delete the mid-epoch checkpoints that ``newest`` supersedes (same generation and epoch).
+    """Delete the mid-epoch checkpoints that ``newest`` supersedes, keeping of each epoch the
+    newest one older than ``newest``: in ``newest``'s own epoch the one just before it, the
+    fall-back should ``newest`` turn out unreadable.
 
-    Epoch-boundary checkpoints (subset 0) are kept: they are the per-epoch checkpoints users
-    evaluate. DeepSpeed tags go with their checkpoint; of ``newest``'s own tags only
+    Epoch-boundary checkpoints (subset 0, step 0) are kept: they are the per-epoch checkpoints
+    users evaluate. DeepSpeed tags go with their checkpoint; of ``newest``'s own tags only
     ``keep_tag`` (the one it names) stays.
     """
-    m = _NAME.match(Path(newest).name)
-    if not m:
+    pos = _position(Path(newest).name)
+    if pos is None:
         return
     remove_deepspeed_tags(ckpt_dir, Path(newest).stem, keep=keep_tag)
-    g, e, s = (int(x) for x in m.groups())
+    groups: Dict[Tuple[int, int], List[Tuple[Tuple[int, ...], Path]]] = {}
     for p in Path(ckpt_dir).iterdir():
-        o = _NAME.match(p.name)
-        if o:
-            og, oe, os_ = (int(x) for x in o.groups())
-            if (og, oe) == (g, e) and 0 < os_ < s:
-                for side in p.parent.glob(f"{p.stem}.optim_rank*.pt"):
-                    side.unlink(missing_ok=True)
-                p.unlink(missing_ok=True)
-                remove_deepspeed_tags(ckpt_dir, p.stem)
+        o = _position(p.name)
+        if o is not None and o[2:] != (0, 0) and o < pos:
+            groups.setdefault(o[:2], []).append((o, p))
+    for older in groups.values():  # of each epoch the newest older one stays
+        for _, p in sorted(older)[:-1]:
+            for side in p.parent.glob(f"{p.stem}.optim_rank*.pt"):
+                side.unlink(missing_ok=True)
+            p.unlink(missing_ok=True)
+            remove_deepspeed_tags(ckpt_dir, p.stem)
 
 
 def resolve_resume(resume: str, ckpt_dir: Path) -> Optional[Path]:
@@ -127,5 +141,33 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> Optional[Path]:
             path = resume
     path = du.broadcast_object(path)
     return Path(path) if path else None
+
+
+def load_resume(resume: str, ckpt_dir: Path) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+    """The checkpoint to resume from and its contents, on every rank; ``(None, None)`` for none.
+
+    With ``resume: auto`` every rank reads the newest checkpoint; if any rank cannot (a file
+    truncated by a node lost mid-write, where rename is not atomic), a warning names it and
+    the previous one is tried. ``NoLoadableCheckpoint`` (one line) when none can be read.
+    An explicit path is read as it is (``RuntimeError`` naming it if unreadable).
+    """
+    if resume != "auto":
+        path = resolve_resume(resume, ckpt_dir)
+        return (path, load_checkpoint(path)) if path else (None, None)
+    names = du.broadcast_object([str(p) for p in checkpoints_newest_first(ckpt_dir)] if du.is_main_process()
+                                else None)
+    for name in names:
+        try:
+            ckpt, error = load_checkpoint(Path(name)), ""
+        except RuntimeError as exc:
+            ckpt, error = None, str(exc)
+        errors = [e for e in du.all_gather_object(error) if e]
+        if not errors:
+            return Path(name), ckpt
+        log.warning("checkpoint %s cannot be read (%s); trying the previous one", name, errors[0])
+    if names:
+        raise NoLoadableCheckpoint(f"run.resume=auto: none of the {len(names)} checkpoints in {ckpt_dir} can be read "
+                                   f"(newest: {Path(names[0]).name}); move them away to start over")
+    return None, None
 
 

@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -44,14 +44,15 @@ from .checkpoint import (
     TrainState,
     atomic_torch_save,
     checkpoint_name,
-    load_checkpoint,
+    load_resume,
     prune_subset_checkpoints,
-    resolve_resume,
 )
 from .engine import autocast_context, build_engine, lr_at
 from .model_init import build_student
+from .preemption import Stopped, StopRequest, check_position, position_state, set_rng_state
 from .step_loss import cached_soft_targets, online_soft_targets, step_loss
 from .tuples_data import TupleImages, TupleLoader
+from .watchdog import Watchdog, watched
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +112,24 @@ class Trainer:
         self.neg_cache = NegativeCache(len(self.train.q_keys), cfg.mining.num_negatives)
         self.resume_path: Optional[Path] = None
         self._collapse_warned: set = set()
+        self.stop = StopRequest.install(cfg.run.stop_grace_s)  # SIGTERM/SIGUSR1: stop at a step boundary
+        self.watchdog = Watchdog(  # names the phase and the missing rank when a collective fails
+            lambda: "generation {generation} epoch {epoch} subset {subset} step {step}".format(**asdict(self.state)),
+            record=self.run_dir / "stages" / f"rank{self.rank}.jsonl")  # per phase: seconds, peak memory
+        self.position: Optional[Dict] = None  # where a stop inside a cache subset left off
+        self.last_saved: Optional[Path] = None
 
     # ------------------------------------------------------------------ job
     def run(self) -> Dict[int, Dict]:
         cfg = self.cfg
         if du.is_main_process():
             save_config(cfg, self.run_dir / "config.yaml")
-        resume = self.resume_path = resolve_resume(cfg.run.resume, self.ckpt_dir)
-        ckpt = load_checkpoint(resume) if resume else None
+        resume, ckpt = load_resume(cfg.run.resume, self.ckpt_dir)
+        self.resume_path = self.last_saved = resume
         if ckpt:
+            self.position = ckpt.get("position")
+            if self.position is not None:
+                check_position(self.position, resume)
             self.state.load_state_dict(ckpt["state"])
             self.tracker.load_state_dict(ckpt.get("tracker", {}))
             self.history = ckpt.get("history", {})
@@ -138,11 +148,15 @@ class Trainer:
         self.tracker.log_artifact(self.run_dir / "config.yaml")
         try:
             while self.state.generation < cfg.train.generations:
+                self._stop_if_asked()
                 self._generation(self.state.generation, ckpt)
                 ckpt = None
             if not self.selected:
                 self._report_selected()
             self.tracker.finish("FINISHED")
+        except Stopped:
+            self.tracker.finish("KILLED")
+            raise
         except BaseException:
             self.tracker.finish("FAILED")
             raise
@@ -151,7 +165,8 @@ class Trainer:
     # ----------------------------------------------------------- generation
     def _generation(self, gen: int, ckpt: Optional[Dict]) -> None:
         cfg = self.cfg
-        net = build_student(cfg, self.manifest, self.train.sid, self.cache_dir, self.device)
+        with self.watchdog.phase("setup"):  # backbone weights and the NetVLAD init (k-means)
+            net = build_student(cfg, self.manifest, self.train.sid, self.cache_dir, self.device)
         if gen == 0 and cfg.eval.test_untrained and not self.untrained and ckpt is None:
             self._report_untrained(net)
         teacher, teacher_key, teacher_s = None, "", 0.0
@@ -163,8 +178,9 @@ class Trainer:
         elif gen >= 1:
             teacher_ckpt = self.final_path(gen - 1)
             t0 = time.time()
-            teacher, teacher_key = run_teacher_pass(cfg, self.manifest, self.train.train_pos, teacher_ckpt,
-                                                    self.cache_dir, self.device)
+            with self.watchdog.phase("teacher pass"):
+                teacher, teacher_key = run_teacher_pass(cfg, self.manifest, self.train.train_pos, teacher_ckpt,
+                                                        self.cache_dir, self.device)
             teacher_s = time.time() - t0
         engine = build_engine(cfg.train.engine, net, self.device, cfg.train.lr, cfg.train.momentum,
                               cfg.train.weight_decay, cfg.train.precision, cfg.train.zero_stage,
@@ -178,6 +194,7 @@ class Trainer:
             self.tracker.log_metrics({"teacher_pass_s": teacher_s}, step=self.state.step)
         epochs = cfg.train.gen0_epochs if gen == 0 else cfg.train.epochs
         while self.state.epoch < epochs:
+            self._stop_if_asked()
             self._epoch(gen, self.state.epoch, engine, neg_cache, teacher)
             self.state.epoch += 1
             self.state.subset = self.state.epoch_step = 0
@@ -234,8 +251,12 @@ class Trainer:
         loader = self._tuple_loader()  # one per epoch: its workers start with the first subset
         while self.state.subset < len(subsets):
             s = self.state.subset
-            tuples, timings = self._refresh(engine, gen, epoch, s, subsets[s], neg_cache)
-            losses += self._train_subset(engine, loader, gen, epoch, s, tuples, teacher)
+            self._stop_if_asked()
+            if self.position is not None:  # stopped inside this subset: its tuples, no refresh
+                tuples, timings, losses = self.position["tuples"], {}, list(self.position["epoch_losses"])
+            else:
+                tuples, timings = self._refresh(engine, gen, epoch, s, subsets[s], neg_cache)
+            losses += self._train_subset(engine, loader, gen, epoch, s, tuples, teacher, neg_cache, losses)
             self.tracker.log_metrics(timings, step=self.state.step)
             self.state.subset += 1
             self._save(engine, neg_cache)
@@ -250,6 +271,7 @@ class Trainer:
                  float(np.mean(losses)) if losses else float("nan"), time.time() - t_epoch,
                  "".join(f", val R@{n} {100 * v:.1f}" for n, v in r.items()))
 
+    @watched("validation")
     def _validate(self, net) -> Dict:
         """Recall on ``data.val_set`` (no PCA), or ``{}`` without a validation split."""
         cfg = self.cfg
@@ -260,6 +282,7 @@ class Trainer:
                                    cfg.eval.recall_ns, bf16=cfg.eval.bf16, bf16_search=cfg.eval.bf16_search)
 
     # --------------------------------------------------------------- mining
+    @watched("refresh")
     def _refresh(self, engine, gen: int, epoch: int, s: int, subset: np.ndarray, neg_cache):
         cfg = self.cfg
         t0 = time.time()
@@ -303,26 +326,34 @@ class Trainer:
             t = t.pin_memory()
         return t.to(self.device, non_blocking=True)
 
+    @watched("training")
     def _train_subset(self, engine, loader: TupleLoader, gen: int, epoch: int, s: int, tuples,
-                      teacher) -> List[float]:
+                      teacher, neg_cache=None, epoch_losses: Sequence[float] = ()) -> List[float]:
         cfg = self.cfg
         per_step = self.world * cfg.train.batch_size
+        start = self.position["subset_step"] if self.position is not None else 0  # steps done before a stop
         steps = len(tuples) // per_step
         if cfg.train.max_steps_per_epoch:
-            steps = min(steps, max(0, cfg.train.max_steps_per_epoch - self.state.epoch_step))
+            steps = min(steps, max(0, cfg.train.max_steps_per_epoch - (self.state.epoch_step - start)))
         mine = [tuples[(i * self.world + self.rank) * cfg.train.batch_size + b]
                 for i in range(steps) for b in range(cfg.train.batch_size)]
         torch.manual_seed(seed_for(cfg.train.seed, gen, epoch, s, 2, self.rank))
+        if self.position is not None:
+            set_rng_state(self.position["rng"][self.rank])
+            log.info("resuming generation %d epoch %d subset %d at step %d of %d: its mined tuples restored, "
+                     "no refresh", gen, epoch, s, start, steps)
+            self.position = None
         # no batches (a max_steps_per_epoch cap reached): no worker started for nothing
-        batches = loader.subset(mine, seed_for(cfg.train.seed, gen, epoch, s, 4, self.rank)) if mine else iter(())
+        seed = seed_for(cfg.train.seed, gen, epoch, s, 4, self.rank)
+        batches = loader.subset(mine, seed, start * cfg.train.batch_size) if start < steps else iter(())
         jitter = DeviceColorJitter(cfg.data.color_jitter) if cfg.data.jitter_on_device else None
         engine.train(True)
         tau = cfg.temperature(gen)
         tau0 = cfg.loss.temperatures[0]
         losses: List[torch.Tensor] = []  # on the device: read at log steps and at the end only (no per-step sync)
-        bar = Progress(steps, f"train generation {gen} epoch {epoch} subset {s}", unit="step")
+        bar = Progress(steps - start, f"train generation {gen} epoch {epoch} subset {s}", unit="step")
         t0 = time.time()
-        for batch in batches:
+        for done, batch in enumerate(batches, start + 1):
             images = self._to_device(batch["images"])
             if jitter is not None:
                 images = jitter(images)
@@ -341,6 +372,11 @@ class Trainer:
                                          step=self.state.step)
                 bar.set_postfix(loss=f"{last:.4f}")
             bar.update()
+            self.watchdog.beat()
+            if done < steps and self.stop.agreed():  # the last step's stop comes after the subset's checkpoint
+                bar.close()
+                done_losses = list(epoch_losses) + torch.stack(losses).tolist()
+                raise self._stop_inside_subset(engine, neg_cache, tuples, done, steps, done_losses)
         out = torch.stack(losses).tolist() if losses else []
         if out:
             bar.set_postfix(loss=f"{out[-1]:.4f}")
@@ -361,6 +397,7 @@ class Trainer:
         return step_loss(regions, tuples, gen, self.cfg.loss, tau0, tau, soft)
 
     # ------------------------------------------------------------ test/ckpt
+    @watched("test")
     def _test(self, net, gen: int, tag: str = ""):
         """PCA fitted on the network, then every test set; ``tag`` names the files (default: gen)."""
         cfg = self.cfg
@@ -437,7 +474,18 @@ class Trainer:
             self.tracker.log_artifact(pca_path, "pca", parent=True)
         self._save(None, self.neg_cache)
 
-    def _save(self, engine, neg_cache) -> None:
+    def _stop_if_asked(self) -> None:
+        """At a boundary whose checkpoint is written: stop there if any rank received a stop signal."""
+        if self.stop.agreed():
+            raise self.stop.stopped(self.last_saved)
+
+    def _stop_inside_subset(self, engine, neg_cache, tuples, done: int, steps: int, losses: List[float]) -> Stopped:
+        """Save the position after step ``done`` of ``steps`` of the current subset; the ``Stopped`` to raise."""
+        self._save(engine, neg_cache, position_state(tuples, done, steps, losses))
+        return self.stop.stopped(self.last_saved)
+
+    @watched("checkpoint")
+    def _save(self, engine, neg_cache, position: Optional[Dict] = None) -> None:
         st = self.state
         payload = {
             "state": st.state_dict(),
@@ -445,7 +493,10 @@ class Trainer:
             "history": self.history,
             "config": self.cfg.to_dict(),
         }
-        path = self.ckpt_dir / checkpoint_name(st.generation, st.epoch, st.subset)
+        step = position["subset_step"] if position else 0
+        path = self.ckpt_dir / checkpoint_name(st.generation, st.epoch, st.subset, step)
+        if position:
+            payload["position"] = position
         if neg_cache is not None:
             payload["negatives"] = neg_cache.state_dict()
         if self.selected:
@@ -459,4 +510,5 @@ class Trainer:
             atomic_torch_save(payload, path)
             prune_subset_checkpoints(self.ckpt_dir, path, keep_tag=payload.get("deepspeed_tag"))
         du.barrier()
+        self.last_saved = path
 

@@ -83,10 +83,10 @@ class TupleSampler(torch.utils.data.Sampler):
         self.batch_size = int(batch_size)
         self.items: List[Tuple[int, object]] = []
 
-    def set(self, tuples: Sequence, seed: int) -> None:
-        """Tuples of the next pass; item ``i`` gets the ``i``-th seed drawn from ``seed``."""
+    def set(self, tuples: Sequence, seed: int, start: int = 0) -> None:
+        """Tuples of the next pass from item ``start`` on; item ``i`` gets the ``i``-th seed drawn from ``seed``."""
         seeds = np.random.SeedSequence(int(seed)).generate_state(max(len(tuples), 1), np.uint64) >> np.uint64(1)
-        self.items = [(int(s), t) for s, t in zip(seeds, tuples)]
+        self.items = [(int(s), t) for s, t in zip(seeds, tuples)][int(start):]
 
     def __iter__(self) -> Iterator[List[Tuple[int, object]]]:
         for i in range(0, len(self.items), self.batch_size):
@@ -115,9 +115,12 @@ class TupleLoader:
             pin_memory=bool(pin_memory), persistent_workers=int(workers) > 0,
             multiprocessing_context="forkserver" if int(workers) > 0 else None)
 
-    def subset(self, tuples: Sequence, seed: int) -> Iterator[Dict]:
-        """Batches of ``tuples`` (in order, ``batch_size`` each; a shorter last one), jitter seeded by ``seed``."""
-        self.sampler.set(tuples, seed)
+    def subset(self, tuples: Sequence, seed: int, start: int = 0) -> Iterator[Dict]:
+        """Batches of ``tuples`` (in order, ``batch_size`` each; a shorter last one), jitter seeded by ``seed``.
+
+        ``start``: the first tuple (a resumed pass skips what it trained; the items keep their seeds).
+        """
+        self.sampler.set(tuples, seed, start)
         return iter(self.loader)
 
     def close(self) -> None:
