@@ -26,7 +26,7 @@ def _fake_tools(folder: Path, nvidia_ok: bool) -> None:
     """``python3 -m venv`` making a venv whose python logs its arguments; an ``nvidia-smi``."""
     folder.mkdir(exist_ok=True)
     (folder / "python3").write_text(
-        '#!/bin/bash\n[ "$1 $2" = "-m venv" ] || exit 3\nmkdir -p "$3/bin"\n'
+        '#!/bin/bash\n[ "$1 $2" = "-m venv" ] || exec /usr/bin/python3 "$@"\nmkdir -p "$3/bin"\n'
         'printf \'#!/bin/bash\\necho "$*" >> "$PIP_LOG"\\n\' > "$3/bin/python"\n'
         'chmod +x "$3/bin/python"\n: > "$3/bin/activate"\n')
     (folder / "nvidia-smi").write_text(f"#!/bin/bash\nexit {0 if nvidia_ok else 1}\n")
@@ -44,7 +44,8 @@ def _source_env(tmp_path: Path, nvidia_ok: bool, **extra: str) -> list:
     proc = subprocess.run(["bash", "-c", f"source {REPO / 'launch' / 'env.sh'}"], env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    return [line for line in log.read_text().splitlines() if "pip install --upgrade" not in line]
+    return [line for line in log.read_text().splitlines()
+            if line.startswith("-m pip") and "pip install --upgrade" not in line]
 
 
 def test_env_sh_picks_the_faiss_extra_and_switches(tmp_path):

@@ -174,7 +174,7 @@ def _evaluate(shards: dict, ckpt: Path, out: Path, *more: str) -> subprocess.Com
            "--set", f"data.shards={shards['pitts30k']}", "--set", f"data.test_shards=[{shards['tokyo247']}]",
            "--set", "data.test_sets=[pitts30k_test,tokyo247_test,pitts30k_val]",
            # exact fp32 search: the bf16 short list is not exact at the near-ties of an untrained network
-           "--set", "eval.bf16=false", *more]
+           "--set", "eval.bf16=false", "--set", "eval.bf16_search=false", *more]
     res = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
