@@ -139,7 +139,7 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_loss_and_move_only_trainable_wei
     for _ in range(8):
         loss, _ = step_loss(engine.forward(images, regions=True), _tuples(), 0, cfg, 0.07, 0.07)
         engine.backward_step(loss)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert all(b < a for a, b in zip(losses, losses[1:])), losses  # every step lowers it
     assert losses[-1] < losses[0] - 0.02, losses
     after = dict(net.named_parameters())
