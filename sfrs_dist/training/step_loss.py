@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import LossConfig
 from ..losses import sfrs_hard_loss, sfrs_soft_loss, tuple_loss
+from ..models import global_region_similarity
 
 
 def tuple_rows(tuples: Sequence[Dict]) -> List[Tuple[int, int, int]]:
@@ -43,8 +44,8 @@ def max_difficult(tuples: Sequence[Dict]) -> int:
 
 
 def query_difficult_similarities(q_global: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
-    """(k, 9) dot products of a query's global descriptor (D,) with k images' regions (k, 9, D)."""
-    return torch.einsum("d,krd->kr", q_global, regions)
+    """(k, 9) similarities of a query's global descriptor (D,) with k images' regions (k, 9, D)."""
+    return global_region_similarity(q_global.unsqueeze(0), regions.unsqueeze(0))[0]
 
 
 def cached_soft_targets(cache, tuples: Sequence[Dict]) -> Tuple[np.ndarray, np.ndarray]:
