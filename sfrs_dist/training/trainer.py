@@ -170,13 +170,12 @@ class Trainer:
         if gen == 0 and cfg.eval.test_untrained and not self.untrained and ckpt is None:
             self._report_untrained(net)
         teacher, teacher_key, teacher_s = None, "", 0.0
+        teacher_ckpt = self.final_path(gen - 1)
         if gen >= 1 and cfg.train.teacher == "online":  # forwarded in every step, no cache written
-            teacher = load_network(cfg, self.final_path(gen - 1), self.device)
-            teacher_key = f"online {self.final_path(gen - 1).name}"
-            log.info("generation %d: online teacher %s (run on every batch, eval mode)", gen,
-                     self.final_path(gen - 1))
+            teacher = load_network(cfg, teacher_ckpt, self.device)
+            teacher_key = f"online {teacher_ckpt.name}"
+            log.info("generation %d: online teacher %s (run on every batch, eval mode)", gen, teacher_ckpt)
         elif gen >= 1:
-            teacher_ckpt = self.final_path(gen - 1)
             t0 = time.time()
             with self.watchdog.phase("teacher pass"):
                 teacher, teacher_key = run_teacher_pass(cfg, self.manifest, self.train.train_pos, teacher_ckpt,
