@@ -13,9 +13,11 @@ pass), one epoch each, ``--subsets`` cache subsets per epoch (refresh with re-ra
 records each phase's wall time and peak resident memory (``<run>/stages/rank<r>.jsonl``);
 printed per stage, with the data building time.
 
-``manifest``: a ``manifest.json`` of ``--entries`` samples (MSLS-like keys and paths), then
-``Manifest.load`` and ``split_data`` of the largest split in 2 processes at once, as every
-rank does: time and peak memory of each.
+``manifest``: a schema-1 manifest (per-sample fields in the JSON) of ``--entries`` samples
+(MSLS-like keys and paths) and the same manifest saved as schema 2 (memory-mapped columns);
+for each, ``Manifest.load``, ``split_data`` of the split with its keys and UTMs (what the trainer
+takes) and 10,000 key lookups, in ``--ranks`` processes at once as every rank does: time and
+peak memory of each, and the ratios.
 """
 
 from __future__ import annotations
@@ -106,7 +108,9 @@ def run_job(args) -> None:
     subset = -(-n_train_q // args.subsets)
     sets = [f"data.shards={shards}", f"run.out_dir={out}", "data.train_set=pitts250k_train",
             "data.val_set=pitts250k_val", "data.test_sets=[pitts250k_test,tokyo247_test]",
-            f"data.image_size=[{-(-size[0] // 16) * 16},{-(-size[1] // 16) * 16}]",  # region split: multiples of 16 "data.num_workers=1", "data.extract_batch_size=64",
+            # the region split needs multiples of 16
+            f"data.image_size=[{-(-size[0] // 16) * 16},{-(-size[1] // 16) * 16}]",
+            "data.num_workers=0", "data.extract_batch_size=32",  # decode in the rank: 2 ranks on 2 cores
             "model.backbone=smallcnn", "model.num_clusters=16", "train.generations=2", "train.epochs=1",
             f"train.max_steps_per_epoch={args.steps * args.subsets}", f"mining.cache_subset_size={subset}",
             "eval.pca_dim=64", "eval.pca_samples=10000", "run.dist_timeout_s=3600"]
@@ -148,10 +152,9 @@ def report(out: Path) -> None:
         print(f"{phase:<14}{count:>6}{total:>10.1f}{total / count:>9.2f}  {peaks}")
 
 
-def write_manifest(path: Path, entries: int) -> None:
-    """A schema-valid manifest of ``entries`` samples in one split (MSLS-like keys, paths, UTMs)."""
-    from sfrs_dist.data.manifest import SCHEMA_VERSION
-
+def write_manifest_v1(path: Path, entries: int) -> dict:
+    """A schema-1 ``manifest.json`` of ``entries`` samples in one split (MSLS-like keys, paths, UTMs),
+    the per-sample columns and the index in the JSON document; returns the document."""
     rng = np.random.default_rng(0)
     n_q = entries // 10
     split = {"name": "msls", "split": "train", "pos_dist_thr": 25.0, "nontriv_pos_dist_sq_thr": 100.0,
@@ -162,7 +165,8 @@ def write_manifest(path: Path, entries: int) -> None:
         utm = np.round(rng.uniform(0, 1e5, (n, 2)) + [5e5, 4.4e6], 2).tolist()
         split[field] = {"keys": keys, "index": list(range(n)),
                         "relpath": [f"{role}/city{i % 22:02d}/{rng.integers(1 << 62):016x}.jpg" for i in range(n)],
-                        "utm": utm, "condition": [None] * n, "timestamp": [int(1.5e9 + i) for i in range(n)]}
+                        "utm": utm, "condition": [None] * n, "timestamp": [int(1.5e9 + i) for i in range(n)],
+                        "extra": []}
         group = f"msls_train_{role}"
         names = [f"{group}-{j:06d}.tar" for j in range(-(-n // 1000))]
         groups[group] = {"split": "msls_train", "role": role, "shards": names, "num_samples": n}
@@ -171,45 +175,77 @@ def write_manifest(path: Path, entries: int) -> None:
                          "size": 10 ** 7, "sha256": "0" * 64}
         for i, k in enumerate(keys):
             index[k] = [names[i // 1000], 10240 * (i % 1000), 10240, f"{i & 0xffffffff:08x}"]
-    d = {"schema_version": SCHEMA_VERSION, "source": {"dataset": "bench"}, "options": {},
+    d = {"schema_version": 1, "source": {"dataset": "bench"}, "options": {},
          "splits": {"msls_train": split}, "groups": groups, "shards": shards, "index": index, "skipped": []}
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         json.dump(d, f, separators=(",", ":"))
+    return d
 
 
 _LOAD = """
-import json, resource, sys, time
+import json, sys, time
+import numpy as np
 from pathlib import Path
 from sfrs_dist.training.watchdog import peak_memory_mb
+from sfrs_dist.data.manifest import Manifest
+from sfrs_dist.data.records import record_keys
 base = peak_memory_mb()
 t0 = time.time()
-from sfrs_dist.data.manifest import Manifest
 m = Manifest.load(Path(sys.argv[1]))
 t1 = time.time()
 load_peak = peak_memory_mb()
 sd = m.split_data("msls_train")
+q_keys, db_keys = record_keys(sd.queries), record_keys(sd.database)  # what the trainer keeps
+utm = sd.utm_db
 t2 = time.time()
-print(json.dumps({"load_s": t1 - t0, "split_data_s": t2 - t1, "base_mb": base, "load_peak_mb": load_peak,
-                  "peak_mb": peak_memory_mb()}))
+rng = np.random.default_rng(1)
+picks = [db_keys[i] for i in rng.integers(0, len(db_keys), 10000)]
+t3 = time.time()
+found = sum(m.index.get(k) is not None for k in picks)
+t4 = time.time()
+print(json.dumps({"load_s": t1 - t0, "split_data_s": t2 - t1, "lookup_us": (t4 - t3) / len(picks) * 1e6,
+                  "found": found, "base_mb": base, "load_peak_mb": load_peak, "peak_mb": peak_memory_mb()}))
 """
 
 
-def run_manifest(args) -> None:
-    work = Path(args.work or tempfile.mkdtemp(prefix="bench_manifest_"))
-    path = work / "manifest.json"
-    t0 = time.time()
-    write_manifest(path, args.entries)
-    print(f"{args.entries} entries: manifest.json {path.stat().st_size / 1e6:.0f} MB "
-          f"({path.stat().st_size / args.entries:.0f} B/entry), written in {time.time() - t0:.0f} s")
+def _load_in_ranks(folder: Path, ranks: int) -> List[dict]:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", _LOAD, str(work)], stdout=subprocess.PIPE, env=env, text=True)
-             for _ in range(args.ranks)]
-    for r, p in enumerate(procs):
-        res = json.loads(p.communicate()[0])
-        print(f"rank {r}: Manifest.load {res['load_s']:.1f} s, peak {res['load_peak_mb'] - res['base_mb']:.0f} MB "
-              f"above the {res['base_mb']:.0f} MB of the imports; split_data {res['split_data_s']:.1f} s, "
-              f"peak {res['peak_mb'] - res['base_mb']:.0f} MB above")
+    procs = [subprocess.Popen([sys.executable, "-c", _LOAD, str(folder)], stdout=subprocess.PIPE, env=env, text=True)
+             for _ in range(ranks)]
+    return [json.loads(p.communicate()[0]) for p in procs]
+
+
+def run_manifest(args) -> None:
+    from sfrs_dist.data.manifest import Manifest
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_manifest_"))
+    v1, v2 = work / "schema1", work / "schema2"
+    t0 = time.time()
+    d = write_manifest_v1(v1 / "manifest.json", args.entries)
+    t1 = time.time()
+    Manifest.from_json(d).save(v2.mkdir(parents=True, exist_ok=True) or v2)
+    t2 = time.time()
+    del d
+    size1 = (v1 / "manifest.json").stat().st_size
+    size2 = sum(f.stat().st_size for f in v2.rglob("*") if f.is_file())
+    print(f"{args.entries} entries; {args.ranks} processes load at once, as every rank does")
+    print(f"schema 1: manifest.json {size1 / 1e6:.0f} MB ({size1 / args.entries:.0f} B/entry), written in {t1 - t0:.0f} s")
+    print(f"schema 2: manifest.json + columns {size2 / 1e6:.0f} MB ({size2 / args.entries:.0f} B/entry), "
+          f"written in {t2 - t1:.0f} s")
+    results = {}
+    for name, folder in (("schema 1", v1), ("schema 2", v2)):
+        results[name] = _load_in_ranks(folder, args.ranks)
+        for r, res in enumerate(results[name]):
+            print(f"{name} rank {r}: Manifest.load {res['load_s']:6.2f} s, {res['load_peak_mb'] - res['base_mb']:5.0f} MB "
+                  f"above the {res['base_mb']:.0f} MB of the imports; split_data + keys + UTMs "
+                  f"{res['split_data_s']:5.2f} s, peak {res['peak_mb'] - res['base_mb']:5.0f} MB above; "
+                  f"index.get {res['lookup_us']:.1f} us/key ({res['found']} of 10000 found)")
+    a, b = results["schema 1"], results["schema 2"]
+    ratio_t = max(r["load_s"] + r["split_data_s"] for r in a) / max(r["load_s"] + r["split_data_s"] for r in b)
+    ratio_m = max(r["peak_mb"] - r["base_mb"] for r in a) / max(max(r["peak_mb"] - r["base_mb"] for r in b), 1)
+    print(f"schema 2 vs 1: open + split_data {ratio_t:.1f}x faster, peak memory above the imports {ratio_m:.1f}x "
+          "smaller")
 
 
 def main() -> None:

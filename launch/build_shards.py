@@ -64,11 +64,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--verify", action="store_true", help="verify the set (after building, if building)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed in manifest)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--upgrade", action="store_true",
+                   help="rewrite the manifest of the set at --out in the current schema (shards untouched)")
     args = p.parse_args(argv)
     if (args.dataset is None) != (args.root is None):
         p.error("--dataset and --root go together")
-    if args.dataset is None and not args.verify:
-        p.error("give --dataset and --root to build, or --verify to check a built set")
+    if args.dataset is None and not (args.verify or args.upgrade):
+        p.error("give --dataset and --root to build, --verify to check a built set or --upgrade to rewrite "
+                "its manifest")
     return args
 
 
@@ -120,6 +123,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{len(m.skipped)} skipped")
             for s in m.skipped:
                 print(f"skipped {s['key']}: {s['error']}", file=sys.stderr)
+        if args.upgrade:
+            from sfrs_dist.data.manifest import Manifest
+
+            m = Manifest.load(args.out)
+            old = m.schema_version
+            path = m.save(args.out)
+            print(f"{path}: schema {old} -> {Manifest.load(args.out).schema_version}, {len(m.index)} samples")
         if args.verify:
             problems: List[str] = verify_shards(args.out)
             for prob in problems:

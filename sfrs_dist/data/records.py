@@ -7,8 +7,9 @@ ground truth computed through a KD-tree, never an all-pairs distance matrix.
 
 from __future__ import annotations
 
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -78,6 +79,71 @@ class Record:
         return out
 
 
+class RecordTable(SequenceABC):
+    """Records of one role held as columns, each ``Record`` built when it is read.
+
+    What ``Manifest.split_data`` returns for a role: at a million images a list of
+    ``Record`` objects costs seconds and a gigabyte per rank, while the columns (memory-mapped
+    arrays of a schema-2 manifest) cost neither. ``keys`` and ``utm`` give whole columns at
+    once (see ``record_keys`` and ``record_utm``).
+    """
+
+    def __init__(self, name: str, split: str, role: str, keys: Sequence[str], index: Sequence[int],
+                 relpath: Sequence[str], utm: Any, condition: Sequence[Optional[str]],
+                 timestamp: Sequence[Optional[int]], extra: Optional[Sequence[Optional[Dict[str, str]]]] = None):
+        self.name, self.split, self.role = name, split, role
+        self.keys, self.index, self.relpath = keys, index, relpath
+        self.utm = utm
+        self.condition, self.timestamp, self.extra = condition, timestamp, extra or None
+        n = len(keys)
+        for what, col in (("index", index), ("relpath", relpath), ("utm", utm), ("condition", condition),
+                          ("timestamp", timestamp), ("extra", extra or [None] * n)):
+            if len(col) != n:
+                raise ValueError(f"{name}_{split} {role}: column {what} has {len(col)} rows, keys {n}")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: Union[int, slice]) -> Union[Record, List[Record]]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"record {i} out of range ({len(self)} records)")
+        u = self.utm[i]
+        t = self.timestamp[i]
+        return Record(
+            key=self.keys[i], name=self.name, split=self.split, role=self.role, index=int(self.index[i]),
+            relpath=self.relpath[i], file="", utm=(float(u[0]), float(u[1])), condition=self.condition[i],
+            timestamp=None if t is None else int(t), extra=None if self.extra is None else self.extra[i],
+        )
+
+    def __add__(self, other: Sequence[Record]) -> List[Record]:
+        return list(self) + list(other)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SequenceABC):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def record_keys(records: Sequence[Record]) -> List[str]:
+    """The keys of a sequence of records, read from the key column where it is one."""
+    if isinstance(records, RecordTable):
+        return list(records.keys)
+    return [r.key for r in records]
+
+
+def record_utm(records: Sequence[Record]) -> np.ndarray:
+    """(N, 2) float64 UTM positions of a sequence of records."""
+    if isinstance(records, RecordTable):
+        return np.asarray(records.utm, dtype=np.float64).reshape(-1, 2)
+    return np.asarray([r.utm for r in records], dtype=np.float64).reshape(-1, 2)
+
+
 @dataclass
 class SplitData:
     """One dataset split: database and query records plus ground-truth thresholds.
@@ -94,8 +160,8 @@ class SplitData:
 
     name: str
     split: str
-    database: List[Record]
-    queries: List[Record]
+    database: Sequence[Record]
+    queries: Sequence[Record]
     pos_dist_thr: float = 25.0
     nontriv_pos_dist_sq_thr: float = 100.0
     exclude_same_timestamp: bool = False
@@ -103,11 +169,11 @@ class SplitData:
 
     @property
     def utm_db(self) -> np.ndarray:
-        return np.asarray([r.utm for r in self.database], dtype=np.float64).reshape(-1, 2)
+        return record_utm(self.database)
 
     @property
     def utm_q(self) -> np.ndarray:
-        return np.asarray([r.utm for r in self.queries], dtype=np.float64).reshape(-1, 2)
+        return record_utm(self.queries)
 
     def _db_tree(self) -> cKDTree:
         if self._tree is None:
@@ -117,11 +183,13 @@ class SplitData:
     def _within(self, radius: float) -> List[np.ndarray]:
         hits = self._db_tree().query_ball_point(self.utm_q, r=radius)
         out = []
+        if self.exclude_same_timestamp:
+            q_ts, db_ts = _timestamps(self.queries), _timestamps(self.database)
         for qi, idx in enumerate(hits):
             idx = np.asarray(sorted(idx), dtype=np.int64)
             if self.exclude_same_timestamp and idx.size:
-                ts = self.queries[qi].timestamp
-                keep = [self.database[j].timestamp != ts for j in idx]
+                ts = q_ts[qi]
+                keep = [db_ts[j] != ts for j in idx]
                 idx = idx[np.asarray(keep, dtype=bool)]
             out.append(idx)
         return out
@@ -133,6 +201,10 @@ class SplitData:
     def training_positives(self) -> List[np.ndarray]:
         """Per query, sorted database indices within sqrt(``nontriv_pos_dist_sq_thr``) metres."""
         return self._within(float(np.sqrt(self.nontriv_pos_dist_sq_thr)))
+
+
+def _timestamps(records: Sequence[Record]) -> Sequence[Optional[int]]:
+    return records.timestamp if isinstance(records, RecordTable) else [r.timestamp for r in records]
 
 
 def ground_truth_within(utm_q: np.ndarray, utm_db: np.ndarray, radius: float) -> List[np.ndarray]:

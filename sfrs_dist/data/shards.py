@@ -25,6 +25,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import tarfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -35,7 +36,6 @@ from PIL import Image
 
 from sfrs_dist.data.manifest import (
     IMAGE_EXTS,
-    SCHEMA_VERSION,
     GroupEntry,
     IndexEntry,
     Manifest,
@@ -58,6 +58,8 @@ TAR_MTIME = 0
 TAR_USER = "sfrs"
 TAR_MODE = 0o444
 JPEG_QUALITY = 95
+SHARD_FORMAT = 1
+"""Version of the shard contents (tar layout, members); part of every shard's plan digest."""
 FAIL_AFTER_ENV = "SFRS_SHARDS_FAIL_AFTER"
 
 
@@ -158,7 +160,7 @@ def plan_shards(splits: Sequence[SplitData], shard_size: int) -> List[ShardTask]
 def plan_digest(task: ShardTask, resize: Optional[Tuple[int, int]], skip_bad: bool) -> str:
     """Digest of everything that determines a shard's bytes (records, source sizes, options)."""
     h = hashlib.sha256()
-    h.update(json.dumps({"schema": SCHEMA_VERSION, "resize": resize, "quality": JPEG_QUALITY,
+    h.update(json.dumps({"schema": SHARD_FORMAT, "resize": resize, "quality": JPEG_QUALITY,
                          "skip_bad": skip_bad, "shard": task.shard}).encode())
     for r in task.records:
         try:
@@ -328,7 +330,10 @@ def assemble_manifest(splits: Sequence[SplitData], results: Sequence[ShardResult
 def _remove_stale_temporaries(out_dir: Path) -> None:
     for p in list(out_dir.glob(".*.tmp-*")) + list((out_dir / INFO_DIR).glob(".*.tmp-*")):
         log.info("removing leftover temporary file %s", p)
-        p.unlink(missing_ok=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def build_shards(

@@ -127,13 +127,26 @@ class CheckedShardSamples:
     def __init__(self, manifest: Manifest, verify_digest: bool = True):
         self.manifest = manifest
         self.verify_digest = verify_digest
-        self.shard_keys = {name: manifest.shard_keys(name) for name in manifest.shards}
-        self.digests = {k: e.digest for k, e in manifest.index.items()} if verify_digest else None
+        self._keys: Dict[str, List[str]] = {}
+        self._digests: Dict[str, List[str]] = {}
         self._reader: Optional[ShardReader] = None
+
+    def _shard_keys(self, url: str) -> List[str]:
+        """Keys of the shard at ``url`` in tar order (read from the manifest once per shard)."""
+        name = Path(url).name
+        if name not in self._keys:
+            self._keys[name] = self.manifest.shard_keys(name)
+        return self._keys[name]
+
+    def _shard_digests(self, url: str) -> List[str]:
+        name = Path(url).name
+        if name not in self._digests:
+            self._digests[name] = self.manifest.shard_digests(name)
+        return self._digests[name]
 
     def __call__(self, src: Iterable[Dict]) -> Iterator[Dict]:
         for item in src:
-            n = len(self.shard_keys[Path(item["url"]).name])
+            n = len(self._shard_keys(item["url"]))
             start, stop = item.get("start", 0), item.get("stop", n)
             if (start, stop) == (0, n):
                 yield from self._shard(item["url"])
@@ -143,11 +156,12 @@ class CheckedShardSamples:
     def _range(self, url: str, start: int, stop: int) -> Iterator[Dict]:
         if self._reader is None:  # opened in the process that reads (a DataLoader worker)
             self._reader = ShardReader(self.manifest.root, self.manifest, verify=self.verify_digest)
-        for key in self.shard_keys[Path(url).name][start:stop]:
+        for key in self._shard_keys(url)[start:stop]:
             yield {"__key__": key, "__url__": url, **self._reader.read_members(key)}
 
     def _shard(self, url: str) -> Iterator[Dict]:
-        expected = self.shard_keys[Path(url).name]
+        expected = self._shard_keys(url)
+        digests = self._shard_digests(url) if self.verify_digest else None
         n = 0
         last = "(start of shard)"
         member = ["(none)"]
@@ -162,9 +176,9 @@ class CheckedShardSamples:
                 if n >= len(expected) or key != expected[n]:
                     want = expected[n] if n < len(expected) else "(end of shard)"
                     raise ShardReadError(f"shard {url}: sample {n} is {key!r}, manifest expects {want!r}")
-                if self.digests is not None:
+                if digests is not None:
                     members = {k: v for k, v in sample.items() if not k.startswith("__")}
-                    if sample_digest(members) != self.digests[key]:
+                    if sample_digest(members) != digests[n]:
                         raise ShardReadError(
                             f"shard {url}: sample {key} does not match its manifest digest "
                             "(tampered or corrupt shard)"

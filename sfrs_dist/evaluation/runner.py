@@ -31,6 +31,7 @@ from ..config import DataConfig
 from ..data.datasets import panorama_ids
 from ..data.manifest import Manifest
 from ..data.random_access import ShardReader
+from ..data.records import record_keys
 from ..extraction.descriptors import gather_rows
 from ..extraction.passes import extract_group, extract_group_local, transform_kind
 from . import protocols
@@ -197,8 +198,8 @@ def render_examples(manifest: Manifest, sid: str, topk: np.ndarray, out_dir: Pat
     picks = np.linspace(0, len(split.queries) - 1, num=min(num_queries, len(split.queries))).astype(int)
     with ShardReader(manifest.root, manifest) as reader:
         return visualize_queries(
-            picks, None, None, split.utm_q, split.utm_db, [r.key for r in split.queries],
-            [r.key for r in split.database], lambda keys: {key: reader.get(key)[0] for key in keys}, str(out_dir),
+            picks, None, None, split.utm_q, split.utm_db, record_keys(split.queries),
+            record_keys(split.database), lambda keys: {key: reader.get(key)[0] for key in keys}, str(out_dir),
             k=k, radius=split.pos_dist_thr, topk=np.asarray(topk)[picks],
         )
 

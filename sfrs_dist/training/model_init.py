@@ -13,6 +13,7 @@ from .. import distributed as du
 from ..config import Config
 from ..data.manifest import Manifest
 from ..data.random_access import ShardReader
+from ..data.records import record_keys
 from ..data.transforms import make_transform
 from ..extraction.passes import eval_mode
 from ..mining.knn import shard_range
@@ -36,7 +37,7 @@ def init_image_keys(manifest: Manifest, sid: str, count: int, seed: int) -> List
     list on every rank, in draw order.
     """
     split = manifest.split_data(sid)
-    keys = [r.key for r in split.queries] + [r.key for r in split.database]
+    keys = record_keys(split.queries) + record_keys(split.database)
     if not keys:
         raise ValueError(f"split {sid}: no images to initialise NetVLAD from")
     rng = np.random.default_rng(seed)

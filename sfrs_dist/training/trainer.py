@@ -22,6 +22,7 @@ import torch
 from .. import distributed as du
 from ..config import Config, save_config
 from ..data.manifest import Manifest
+from ..data.records import record_keys
 from ..data.test_sets import group_by_manifest, locate_splits
 from ..data.transforms import DeviceColorJitter
 from ..evaluation.checkpoints import load_for_eval
@@ -76,7 +77,7 @@ class TrainSplit:
         if queries.size == 0:
             raise ValueError(f"split {sid}: no training query has a database image within "
                              f"{np.sqrt(split.nontriv_pos_dist_sq_thr):.1f} m")
-        return cls(sid, [r.key for r in split.queries], [r.key for r in split.database], train_pos,
+        return cls(sid, record_keys(split.queries), record_keys(split.database), train_pos,
                    split.potential_positives(), queries)
 
 
