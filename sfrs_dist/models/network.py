@@ -29,14 +29,15 @@ saved in our checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint_sequential
+from torch.utils.checkpoint import checkpoint
 
 from ..data.transforms import MEAN as NETVLAD_MEAN
 from ..losses import float32_compute
@@ -227,6 +228,51 @@ def global_region_similarity(q_global: torch.Tensor, regions: torch.Tensor) -> t
     return torch.einsum("bl,bnrl->bnr", q_global.float(), regions.float())
 
 
+@contextlib.contextmanager
+def _batch_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """Batch norm layers use batch statistics but leave their running statistics as they are.
+
+    The recomputation of a checkpointed segment runs its layers a second time in training mode;
+    without this, every batch norm layer would update its running mean and variance (and its
+    batch counter) twice per step, so the statistics evaluation uses would drift from an
+    uncheckpointed run's. Momentum 0 keeps the running statistics bit for bit while the layers
+    run the same operation (and save the same tensors for the backward pass) as in the forward
+    pass; the batch counter is put back afterwards.
+    """
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in layers]
+    for m in layers:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(layers, saved):
+            m.momentum = momentum
+            if count is not None:
+                with torch.no_grad():
+                    m.num_batches_tracked.copy_(count)
+
+
+def checkpointed_sequential(seq: nn.Sequential, segments: int, x: torch.Tensor) -> torch.Tensor:
+    """``seq(x)`` with all but the last of ``segments`` segments recomputed in the backward pass.
+
+    The segmentation of ``torch.utils.checkpoint.checkpoint_sequential``, through ``checkpoint``
+    with a recomputation context that keeps batch-norm running statistics from being updated
+    a second time.
+    """
+    layers = list(seq)
+    segments = max(1, min(segments, len(layers)))
+    size = len(layers) // segments
+    bounds = [i * size for i in range(segments)] + [len(layers)]
+    for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        part = nn.Sequential(*layers[a:b])
+        if n == segments - 1:
+            return part(x)
+        x = checkpoint(part, x, use_reentrant=False,
+                       context_fn=lambda part=part: (contextlib.nullcontext(), _batch_stats_frozen(part)))
+    return x
+
+
 def _even_size_hint(size: int, stride: Optional[int]) -> str:
     if not stride:
         return ""
@@ -297,8 +343,7 @@ class SFRSNet(nn.Module):
             raise ValueError(f"expected images of shape (B, C, H, W); got {tuple(x.shape)}")
         x = self.input_adapter(x)
         if self.checkpointing and self.training and torch.is_grad_enabled():
-            segments = min(self.checkpoint_segments, len(self.backbone))
-            return checkpoint_sequential(self.backbone, segments, x, use_reentrant=False)
+            return checkpointed_sequential(self.backbone, self.checkpoint_segments, x)
         return self.backbone(x)
 
     def _check_even(self, x: torch.Tensor, feats: torch.Tensor) -> None:
