@@ -27,6 +27,7 @@ writes schema 2.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -286,21 +287,23 @@ class Manifest:
     # ---------------------------------------------------------------- queries
     def shard_keys(self, shard: str) -> List[str]:
         """Keys of a shard, in tar order."""
-        try:
-            s = self.shards[shard]
-        except KeyError:
-            raise ManifestError(f"shard {shard!r} is not in the manifest") from None
+        s = self._shard(shard)
         g = self.groups[s.group]
         keys = self.splits[g.split].role(g.role).keys
         return keys[s.first : s.first + s.num_samples]
 
     def shard_digests(self, shard: str) -> List[str]:
         """Sample digests of a shard, in tar order (``shard_keys`` order)."""
-        keys = self.shard_keys(shard)
         if isinstance(self.index, ColumnIndex):
-            s = self.shards[shard]
+            s = self._shard(shard)
             return self.index.digests(s.group, s.first, s.first + s.num_samples)
-        return [self.index[k].digest for k in keys]
+        return [self.index[k].digest for k in self.shard_keys(shard)]
+
+    def _shard(self, shard: str) -> ShardEntry:
+        try:
+            return self.shards[shard]
+        except KeyError:
+            raise ManifestError(f"shard {shard!r} is not in the manifest") from None
 
     def group_keys(self, group: str) -> List[str]:
         g = self._group(group)
@@ -381,18 +384,20 @@ class Manifest:
         """
         out_dir = Path(out_dir)
         arrays, head = self._encode()
+        files = {name: _npy_bytes(arr) for name, arr in arrays.items()}
+        del arrays
         h = hashlib.sha256()
-        for name in sorted(arrays):
-            h.update(name.encode() + b"\0" + _npy_bytes(arrays[name]))
+        for name in sorted(files):
+            h.update(name.encode() + b"\0" + files[name])
         folder = f"{COLUMNS_PREFIX}{h.hexdigest()[:16]}"
         final = out_dir / folder
         if not final.is_dir():
             tmp = out_dir / f".{folder}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            for name, arr in arrays.items():
+            for name, data in files.items():
                 with open(tmp / f"{name}.npy", "wb") as f:
-                    f.write(_npy_bytes(arr))
+                    f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
             os.replace(tmp, final)
@@ -417,7 +422,7 @@ class Manifest:
         order: List[str] = []
         all_keys: List[str] = []
         for sid, s in self.splits.items():
-            entry = {k: v for k, v in asdict_shallow(s).items() if k not in ("database", "queries")}
+            entry = {k: v for k, v in _fields(s).items() if k not in ("database", "queries")}
             for role, fname in ROLE_FIELDS.items():
                 col = s.role(role)
                 g = group_name(s.name, s.split, role)
@@ -538,14 +543,12 @@ class Manifest:
             raise ManifestError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
 
 
-def asdict_shallow(obj: Any) -> Dict[str, Any]:
+def _fields(obj: Any) -> Dict[str, Any]:
     """A dataclass's fields as a dict, values as they are (``asdict`` would copy the columns)."""
     return {k: getattr(obj, k) for k in obj.__dataclass_fields__}
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
-    import io
-
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
     return buf.getvalue()
