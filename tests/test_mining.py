@@ -295,3 +295,27 @@ def test_mean_pair_similarity_tells_spread_from_collapsed_descriptors():
     assert mean_pair_similarity(two, np.random.default_rng(2)) == 0.0
     with pytest.raises(ValueError, match="at least 2"):
         mean_pair_similarity(two[:1], np.random.default_rng(2))
+
+
+def test_large_exact_search_in_blocks_equals_one_search(monkeypatch):
+    """A search above the progress threshold runs in query blocks reporting progress; the
+    result is the one-call search's, row for row."""
+    from sfrs_dist.mining import knn
+
+    rng = np.random.default_rng(3)
+    db = rng.standard_normal((300, 16)).astype(np.float32)
+    q = rng.standard_normal((5000, 16)).astype(np.float32)
+    one = knn._FlatIndex(16).search(db, q, 9)
+    updates = []
+
+    class Recorder(knn.Progress):
+        def update(self, n: int = 1) -> None:
+            updates.append(n)
+            super().update(n)
+
+    monkeypatch.setattr(knn, "_PROGRESS_PAIRS", 1000)
+    monkeypatch.setattr(knn, "Progress", Recorder)
+    blocks = knn._FlatIndex(16).search(db, q, 9)
+    np.testing.assert_array_equal(one[0], blocks[0])
+    np.testing.assert_array_equal(one[1], blocks[1])
+    assert len(updates) == 5 and sum(updates) == 5000  # blocks of max(1024, 5000 // 50) rows

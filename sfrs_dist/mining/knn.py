@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from sfrs_dist.distributed import all_gather_object, get_local_rank, get_rank, get_world_size
+from sfrs_dist.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,10 @@ def _gpu_resources():
     return faiss.StandardGpuResources()
 
 
+_PROGRESS_PAIRS = 2 * 10**9
+"""Inner products from which an exact search runs in query blocks and reports progress."""
+
+
 class _FlatIndex:
     """A faiss flat inner-product index on the local GPU when faiss has GPUs, else on CPU."""
 
@@ -173,8 +178,20 @@ class _FlatIndex:
             self.index = faiss.IndexFlatIP(d)
 
     def search(self, db: np.ndarray, queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+        """faiss search of ``queries`` against ``db``; a large one (``_PROGRESS_PAIRS`` inner
+        products and more) in query blocks, with progress lines on rank 0."""
         self.index.add(db)
-        scores, ids = self.index.search(queries, k)
+        nq = queries.shape[0]
+        if nq * db.shape[0] < _PROGRESS_PAIRS:
+            scores, ids = self.index.search(queries, k)
+        else:
+            scores = np.empty((nq, k), np.float32)
+            ids = np.empty((nq, k), np.int64)
+            step = max(1024, nq // 50)
+            with Progress(nq, f"kNN search ({db.shape[0]} items here x {nq})", unit="row") as p:
+                for a in range(0, nq, step):
+                    scores[a : a + step], ids[a : a + step] = self.index.search(queries[a : a + step], k)
+                    p.update(min(step, nq - a))
         self.index.reset()
         return scores, ids
 
