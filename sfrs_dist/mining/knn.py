@@ -293,16 +293,20 @@ def _bf16_search(local_db: np.ndarray, queries: np.ndarray, kk: int,
     for phase in phases:
         best_s = torch.full((q_n, kk), -float("inf"), device=dev)
         best_i = torch.full((q_n, kk), -1, dtype=torch.int64, device=dev)
-        for c0 in range(0, n if phase else min(n, block), block):
-            c1 = min(n, c0 + block)
-            db_b = _bf16_block(local_db[c0:c1], dev)
-            zeros = torch.zeros(c1 - c0, device=dev)
-            for q0 in range(0, q_n, block):
-                q1 = min(q_n, q0 + block)
-                a = _cut_estimate(best_s[q0:q1], cut[q0:q1]) if phase else torch.zeros(q1 - q0, device=dev)
-                s = _offset_scores(_bf16_block(queries[q0:q1], dev), a, db_b, zeros, d)
-                ts, ti = torch.topk(s, min(kk, c1 - c0), dim=1)
-                best_s[q0:q1], best_i[q0:q1] = _merge_running(best_s[q0:q1], best_i[q0:q1], ts, ti + c0, kk)
+        report = bool(phase) and n * q_n >= _PROGRESS_PAIRS
+        with Progress(n, f"kNN search bf16 ({n} items here x {q_n})", unit="item",
+                      enabled=None if report else False) as p:
+            for c0 in range(0, n if phase else min(n, block), block):
+                c1 = min(n, c0 + block)
+                db_b = _bf16_block(local_db[c0:c1], dev)
+                zeros = torch.zeros(c1 - c0, device=dev)
+                for q0 in range(0, q_n, block):
+                    q1 = min(q_n, q0 + block)
+                    a = _cut_estimate(best_s[q0:q1], cut[q0:q1]) if phase else torch.zeros(q1 - q0, device=dev)
+                    s = _offset_scores(_bf16_block(queries[q0:q1], dev), a, db_b, zeros, d)
+                    ts, ti = torch.topk(s, min(kk, c1 - c0), dim=1)
+                    best_s[q0:q1], best_i[q0:q1] = _merge_running(best_s[q0:q1], best_i[q0:q1], ts, ti + c0, kk)
+                p.update(c1 - c0)
         cut = best_s[:, -1].clone()
     return best_s.cpu().numpy(), best_i.cpu().numpy()
 
@@ -394,20 +398,24 @@ def _self_bf16_candidates(feats: np.ndarray, kk: int, rank: int, world: int) -> 
     best_i = torch.full((n, kk), -1, dtype=torch.int64)
     cache_i: Optional[int] = None
     xi: Optional[torch.Tensor] = None
-    for bi, bj in _block_pairs(n, block)[rank::world]:
-        r0, r1 = bi * block, min(n, (bi + 1) * block)
-        c0, c1 = bj * block, min(n, (bj + 1) * block)
-        if cache_i != bi:
-            xi, cache_i = _bf16_block(feats[r0:r1]), bi
-        xj = xi.clone() if bj == bi else _bf16_block(feats[c0:c1])
-        a_r = _cut_estimate(best_s[r0:r1], floor[r0:r1]) / 2
-        a_c = _cut_estimate(best_s[c0:c1], floor[c0:c1]) / 2
-        s = _offset_scores(xi, a_r, xj, a_c, d)
-        ts, ti = torch.topk(s, min(kk, c1 - c0), dim=1)
-        best_s[r0:r1], best_i[r0:r1] = _merge_running(best_s[r0:r1], best_i[r0:r1], ts, ti + c0, kk)
-        if bj != bi:
-            ts, ti = torch.topk(s.T, min(kk, r1 - r0), dim=1)
-            best_s[c0:c1], best_i[c0:c1] = _merge_running(best_s[c0:c1], best_i[c0:c1], ts, ti + r0, kk)
+    pairs = _block_pairs(n, block)[rank::world]
+    with Progress(len(pairs), f"kNN graph bf16 ({n} items)", unit="block pair",
+                  enabled=None if n * n >= world * _PROGRESS_PAIRS else False) as p:
+        for bi, bj in pairs:
+            r0, r1 = bi * block, min(n, (bi + 1) * block)
+            c0, c1 = bj * block, min(n, (bj + 1) * block)
+            if cache_i != bi:
+                xi, cache_i = _bf16_block(feats[r0:r1]), bi
+            xj = xi.clone() if bj == bi else _bf16_block(feats[c0:c1])
+            a_r = _cut_estimate(best_s[r0:r1], floor[r0:r1]) / 2
+            a_c = _cut_estimate(best_s[c0:c1], floor[c0:c1]) / 2
+            s = _offset_scores(xi, a_r, xj, a_c, d)
+            ts, ti = torch.topk(s, min(kk, c1 - c0), dim=1)
+            best_s[r0:r1], best_i[r0:r1] = _merge_running(best_s[r0:r1], best_i[r0:r1], ts, ti + c0, kk)
+            if bj != bi:
+                ts, ti = torch.topk(s.T, min(kk, r1 - r0), dim=1)
+                best_s[c0:c1], best_i[c0:c1] = _merge_running(best_s[c0:c1], best_i[c0:c1], ts, ti + r0, kk)
+            p.update()
     return best_s.numpy(), best_i.numpy()
 
 
