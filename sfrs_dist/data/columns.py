@@ -10,6 +10,7 @@ values the manifest's API has always returned (``str``, ``int``, ``Optional[str]
 - ``StrColumn``: strings as one UTF-8 byte blob plus ``n + 1`` offsets;
 - ``CodeColumn``: optional strings from a small vocabulary (codes, -1 for None);
 - ``OptIntColumn``: optional integers (``int64``, ``OPT_INT_NONE`` for None);
+- ``ArrayColumn``: integers or coordinate pairs of a numeric array;
 - ``JsonColumn``: optional JSON objects (a ``StrColumn``, empty string for None).
 """
 
@@ -170,8 +171,9 @@ class OptIntColumn(Column):
         return [None if v == OPT_INT_NONE else v for v in self.values.array[start:stop].tolist()]
 
 
-class IntColumn(Column):
-    """Integers (``int64``), returned as Python ints."""
+class ArrayColumn(Column):
+    """Rows of a numeric array as Python values: ints of an ``int64`` vector, ``[east, north]``
+    lists of an ``(n, 2)`` float64 array; ``np.asarray`` gives the array itself."""
 
     def __init__(self, values: NpyFile):
         self.values = values
@@ -179,29 +181,10 @@ class IntColumn(Column):
     def __len__(self) -> int:
         return self.values.array.shape[0]
 
-    def _get(self, i: int) -> int:
-        return int(self.values.array[i])
-
-    def _range(self, start: int, stop: int) -> List[int]:
-        return self.values.array[start:stop].tolist()
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        return np.asarray(self.values.array, dtype=dtype)
-
-
-class PairColumn(Column):
-    """Rows of an ``(n, 2)`` float64 array (UTM east, north), returned as ``[east, north]`` lists."""
-
-    def __init__(self, values: NpyFile):
-        self.values = values
-
-    def __len__(self) -> int:
-        return self.values.array.shape[0]
-
-    def _get(self, i: int) -> List[float]:
+    def _get(self, i: int) -> Any:
         return self.values.array[i].tolist()
 
-    def _range(self, start: int, stop: int) -> List[List[float]]:
+    def _range(self, start: int, stop: int) -> List[Any]:
         return self.values.array[start:stop].tolist()
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:

@@ -41,13 +41,12 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import numpy as np
 
 from sfrs_dist.data.columns import (
+    ArrayColumn,
     CodeColumn,
     ColumnFileError,
-    IntColumn,
     JsonColumn,
     NpyFile,
     OptIntColumn,
-    PairColumn,
     StrColumn,
     encode_codes,
     encode_json,
@@ -586,8 +585,8 @@ def _map_columns(d: Dict[str, Any], root: Path, where: str) -> Tuple[Dict[str, S
             keys[g] = strings(f"{g}.keys", n)
             offset[g], size[g], digest[g] = npy(f"{g}.offset", n), npy(f"{g}.size", n), npy(f"{g}.digest", n)
             v[fname] = RoleEntry(
-                keys=keys[g], index=IntColumn(npy(f"{g}.index", n)), relpath=strings(f"{g}.relpath", n),
-                utm=PairColumn(npy(f"{g}.utm", n)), condition=CodeColumn(npy(f"{g}.condition", n),
+                keys=keys[g], index=ArrayColumn(npy(f"{g}.index", n)), relpath=strings(f"{g}.relpath", n),
+                utm=ArrayColumn(npy(f"{g}.utm", n)), condition=CodeColumn(npy(f"{g}.condition", n),
                                                                           spec["condition_vocab"]),
                 timestamp=OptIntColumn(npy(f"{g}.timestamp", n)),
                 extra=JsonColumn(strings(f"{g}.extra", n)) if spec["extra"] else [],
