@@ -188,7 +188,7 @@ class _FlatIndex:
             scores = np.empty((nq, k), np.float32)
             ids = np.empty((nq, k), np.int64)
             step = max(1024, nq // 50)
-            with Progress(nq, f"kNN search ({db.shape[0]} items here x {nq})", unit="row") as p:
+            with Progress(nq, f"kNN search ({db.shape[0]} database rows)", unit="query") as p:
                 for a in range(0, nq, step):
                     scores[a : a + step], ids[a : a + step] = self.index.search(queries[a : a + step], k)
                     p.update(min(step, nq - a))
@@ -294,7 +294,7 @@ def _bf16_search(local_db: np.ndarray, queries: np.ndarray, kk: int,
         best_s = torch.full((q_n, kk), -float("inf"), device=dev)
         best_i = torch.full((q_n, kk), -1, dtype=torch.int64, device=dev)
         report = bool(phase) and n * q_n >= _PROGRESS_PAIRS
-        with Progress(n, f"kNN search bf16 ({n} items here x {q_n})", unit="item",
+        with Progress(n, f"kNN search bf16 ({q_n} queries)", unit="database row",
                       enabled=None if report else False) as p:
             for c0 in range(0, n if phase else min(n, block), block):
                 c1 = min(n, c0 + block)
