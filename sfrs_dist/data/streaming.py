@@ -29,7 +29,7 @@ import io
 import logging
 import random
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import webdataset as wds
@@ -127,26 +127,21 @@ class CheckedShardSamples:
     def __init__(self, manifest: Manifest, verify_digest: bool = True):
         self.manifest = manifest
         self.verify_digest = verify_digest
-        self._keys: Dict[str, List[str]] = {}
-        self._digests: Dict[str, List[str]] = {}
+        self._per_shard: Dict[str, Tuple[List[str], Optional[List[str]]]] = {}
         self._reader: Optional[ShardReader] = None
 
-    def _shard_keys(self, url: str) -> List[str]:
-        """Keys of the shard at ``url`` in tar order (read from the manifest once per shard)."""
+    def _expected(self, url: str) -> Tuple[List[str], Optional[List[str]]]:
+        """Keys of the shard at ``url`` in tar order and their digests (None when not verified),
+        read from the manifest once per shard."""
         name = Path(url).name
-        if name not in self._keys:
-            self._keys[name] = self.manifest.shard_keys(name)
-        return self._keys[name]
-
-    def _shard_digests(self, url: str) -> List[str]:
-        name = Path(url).name
-        if name not in self._digests:
-            self._digests[name] = self.manifest.shard_digests(name)
-        return self._digests[name]
+        if name not in self._per_shard:
+            digests = self.manifest.shard_digests(name) if self.verify_digest else None
+            self._per_shard[name] = (self.manifest.shard_keys(name), digests)
+        return self._per_shard[name]
 
     def __call__(self, src: Iterable[Dict]) -> Iterator[Dict]:
         for item in src:
-            n = len(self._shard_keys(item["url"]))
+            n = len(self._expected(item["url"])[0])
             start, stop = item.get("start", 0), item.get("stop", n)
             if (start, stop) == (0, n):
                 yield from self._shard(item["url"])
@@ -156,12 +151,11 @@ class CheckedShardSamples:
     def _range(self, url: str, start: int, stop: int) -> Iterator[Dict]:
         if self._reader is None:  # opened in the process that reads (a DataLoader worker)
             self._reader = ShardReader(self.manifest.root, self.manifest, verify=self.verify_digest)
-        for key in self._shard_keys(url)[start:stop]:
+        for key in self._expected(url)[0][start:stop]:
             yield {"__key__": key, "__url__": url, **self._reader.read_members(key)}
 
     def _shard(self, url: str) -> Iterator[Dict]:
-        expected = self._shard_keys(url)
-        digests = self._shard_digests(url) if self.verify_digest else None
+        expected, digests = self._expected(url)
         n = 0
         last = "(start of shard)"
         member = ["(none)"]
