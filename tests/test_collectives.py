@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo import gloo_group
 
 from sfrs_dist import distributed as du
 
@@ -24,24 +23,21 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        lines = [f"device {du.collective_device()}"]
-        lines.append(f"sum {int(du.all_reduce_sum(du.collective_tensor([rank + 1], torch.int64))[0])}")
-        lines.append(f"int {du.all_reduce_int_sum(10 * (rank + 1))}")
-        du.declare_collective_device("cuda")  # what NCCL would take
+    with gloo_group(rank, world, port=port):
         try:
-            du.all_reduce_sum(torch.tensor([1.0]))
-            lines.append("cpu tensor accepted")
-        except ValueError as exc:
-            lines.append(f"refused: {exc}")
-        du.declare_collective_device(None)
-        Path(out_dir, f"rank{rank}.txt").write_text("\n".join(lines))
-    finally:
-        du.declare_collective_device(None)
-        dist.destroy_process_group()
+            lines = [f"device {du.collective_device()}"]
+            lines.append(f"sum {int(du.all_reduce_sum(du.collective_tensor([rank + 1], torch.int64))[0])}")
+            lines.append(f"int {du.all_reduce_int_sum(10 * (rank + 1))}")
+            du.declare_collective_device("cuda")  # what NCCL would take
+            try:
+                du.all_reduce_sum(torch.tensor([1.0]))
+                lines.append("cpu tensor accepted")
+            except ValueError as exc:
+                lines.append(f"refused: {exc}")
+            du.declare_collective_device(None)
+            Path(out_dir, f"rank{rank}.txt").write_text("\n".join(lines))
+        finally:
+            du.declare_collective_device(None)
 
 
 def test_gloo_helpers_sum_and_refuse_a_cpu_tensor_when_cuda_is_declared(tmp_path):

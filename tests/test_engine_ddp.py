@@ -9,14 +9,13 @@ running statistics included (each rank's statistics last saw its own batch).
 from __future__ import annotations
 
 import json
-import os
 import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo import gloo_group
 
 STEPS, LR = 3, 0.05
 
@@ -43,11 +42,7 @@ def _loss(regions: torch.Tensor) -> torch.Tensor:
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port=port):
         from sfrs_dist.training.engine import build_engine
 
         engine = build_engine("ddp", _net(), torch.device("cpu"), LR, 0.0, 0.0, "fp32")
@@ -66,8 +61,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         with torch.no_grad():
             res["desc"] = net(_images(7, 7))[0].tolist()
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,13 @@ float32 weights. Extraction networks and saved weights are float32.
 from __future__ import annotations
 
 import json
-import os
 import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo import gloo_group
 
 CASES = [("smallcnn", None, 0), ("smallcnn", None, 1), ("smallcnn", None, 2), ("resnet18", "layer3", 1)]
 
@@ -93,15 +92,9 @@ def _case(rank: int, out: Path, backbone: str, layer, stage: int) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port=port):
         out = {f"{b}-z{s}": _case(rank, Path(out_dir), b, layer, s) for b, layer, s in CASES}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

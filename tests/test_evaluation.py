@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo import gloo_group
 
 from sfrs_dist.evaluation.pca import PCAWhitening
 from sfrs_dist.evaluation.recall import evaluate_retrieval, recall_at_n, recall_table, spatial_nms
@@ -302,10 +302,7 @@ def _free_port() -> int:
 
 
 def _gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port=port):
         torch.manual_seed(0)  # same model on both ranks
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5))
         gen = torch.Generator().manual_seed(1)
@@ -328,8 +325,6 @@ def _gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             msg = str(e)
         with open(os.path.join(out_dir, f"dup{rank}.txt"), "w") as f:
             f.write(msg)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_gather_descriptors_two_gloo_ranks(tmp_path):
@@ -497,15 +492,11 @@ def _sharded_eval_worker(rank: int, init_dir: str, shard_dir: str, out_dir: str)
     """The same processes form a world of 3, then ranks 0-1 a world of 2 (imports paid once)."""
     import json
 
-    torch.set_num_threads(1)
     for world in (3, 2):
         if rank >= world:
             return
-        dist.init_process_group("gloo", init_method=f"file://{init_dir}/init{world}", rank=rank, world_size=world)
-        try:
+        with gloo_group(rank, world, init_file=f"{init_dir}/init{world}"):
             res = _sharded_eval_runs(shard_dir, layouts=(True,))
-        finally:
-            dist.destroy_process_group()
         with open(os.path.join(out_dir, f"world{world}_rank{rank}.json"), "w") as f:
             json.dump(res, f)
 

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo import gloo_group
 
 from sfrs_dist.mining.knn import self_topk, shard_range, sharded_topk
 
@@ -61,10 +61,7 @@ def _mine_arrays() -> dict:
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file=init_file):
         results = {}
         for ties in (False, True):
             db, q = _data(ties=ties)
@@ -80,8 +77,6 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             results[f"self_b{int(bf16)}_i"] = i
         results.update(_mine_arrays())
         np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **results)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,13 @@ sample, same float64 fit), on every rank; rank 1 gets no rows back. The float64 
 
 from __future__ import annotations
 
-import os
 import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo import gloo_group
 
 from sfrs_dist.evaluation.pca import PCAWhitening, fit_pca
 from sfrs_dist.evaluation.pca_fit import fit_pca_sharded, fit_pca_torch, gather_sample, pca_sample
@@ -40,19 +39,13 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, 2, port=port):
         x, own = data(), owner()
         mine = np.flatnonzero(own == rank)[::-1]  # unsorted positions
         got = gather_sample(mine, x[mine], pca_sample(N, SAMPLES, 5))
         pca = fit_pca_sharded(mine, x[mine], N, DIMS, SAMPLES, 5, torch.device("cpu"))
         np.savez(f"{out}/rank{rank}.npz", U=pca.U, lams=pca.lams, mu=pca.mu,
                  got=np.zeros(0) if got is None else got.numpy(), got_none=got is None)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_sharded_fit_equals_the_whole_matrix_fit(tmp_path):

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import os
 
-import faiss
 import numpy as np
 import pytest
-import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo import gloo_group
 
 from sfrs_dist.config import MiningConfig
 from sfrs_dist.mining.store import DenseItems, ShardedItems
@@ -97,17 +95,12 @@ def sharded(x: np.ndarray, world: int, rank: int, empty_last: bool = False) -> S
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file=init_file, faiss_threads=True):
         out = results(lambda x: sharded(x, world, rank), rank)
         x, nq, train_pos, non_neg = city()
         graph = sharded(x, world, rank, empty_last=True).knn_graph(K)  # the last rank holds nothing
         out.update(empty_knn_s=graph.scores, empty_knn_i=graph.ids, empty_far=graph.farthest)
         np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **out)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ transforms."""
 
 from __future__ import annotations
 
-import os
 import pickle
 from collections import Counter
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as tmp_mp
+from gloo import gloo_group
 from PIL import Image
 
 from sfrs_dist.data.manifest import Manifest, ShardReadError
@@ -40,11 +40,7 @@ def seven_shard_set(tmp_path, make_jpeg_split):
 
 
 def _rank_worker(rank: int, world_size: int, shard_dir: str, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1")
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                         world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, init_file=init_file):
         from sfrs_dist.distributed import all_gather_object
 
         m = Manifest.load(Path(shard_dir))
@@ -58,8 +54,6 @@ def _rank_worker(rank: int, world_size: int, shard_dir: str, init_file: str, out
         gathered = all_gather_object(seen)
         if rank == 0:
             torch.save(gathered, Path(out_dir) / "seen.pt")
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_exactly_once_two_ranks_two_workers(seven_shard_set, tmp_path):
