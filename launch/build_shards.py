@@ -124,12 +124,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for s in m.skipped:
                 print(f"skipped {s['key']}: {s['error']}", file=sys.stderr)
         if args.upgrade:
-            from sfrs_dist.data.manifest import Manifest
+            from sfrs_dist.data.manifest import SCHEMA_VERSION, Manifest
 
             m = Manifest.load(args.out)
-            old = m.schema_version
-            path = m.save(args.out)
-            print(f"{path}: schema {old} -> {Manifest.load(args.out).schema_version}, {len(m.index)} samples")
+            path = m.save(args.out)  # always writes the current schema
+            print(f"{path}: schema {m.schema_version} -> {SCHEMA_VERSION}, {len(m.index)} samples")
         if args.verify:
             problems: List[str] = verify_shards(args.out)
             for prob in problems:
